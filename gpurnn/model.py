@@ -1,0 +1,132 @@
+"""A language model assembled from layer specs, and the named presets.
+
+A model is a list of layer specs whose last entry is a loss layer, e.g. the textbook's SimpleRnnlm:
+embedding -> rnn -> affine -> softmax_loss. Parameters and gradients are exposed by readable names
+(``rnn.Wh``); stateful layers carry their state between calls until `reset_state()`.
+"""
+
+import copy
+
+from .errors import SpecError
+from .layers import LayerContext
+from .registry import check_spec
+
+
+def simple_rnnlm(wordvec_size=100, hidden_size=100):
+    """The textbook's SimpleRnnlm: embedding -> Elman RNN -> affine -> softmax loss."""
+    return [
+        {"type": "embedding", "size": wordvec_size},
+        {"type": "rnn", "hidden_size": hidden_size},
+        {"type": "affine"},
+        {"type": "softmax_loss"},
+    ]
+
+
+PRESETS = {"simple-rnnlm": simple_rnnlm}
+
+
+def preset_specs(name, **sizes):
+    """The layer specs of preset `name`, with its size options (e.g. hidden_size=100)."""
+    if name not in PRESETS:
+        raise SpecError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name](**sizes)
+
+
+def layer_names(specs):
+    """A readable unique name per layer: its spec's `name`, or its type, numbered when repeated."""
+    for spec in specs:
+        check_spec(spec)
+    types = [spec["type"] for spec in specs]
+    names, seen = [], {}
+    for spec, layer_type in zip(specs, types):
+        if "name" in spec:
+            name = spec["name"]
+        elif types.count(layer_type) > 1:
+            seen[layer_type] = seen.get(layer_type, 0) + 1
+            name = f"{layer_type}{seen[layer_type]}"
+        else:
+            name = layer_type
+        if name in names or "." in name:
+            raise SpecError(f"layer name {name!r} is repeated or contains a dot")
+        names.append(name)
+    return names
+
+
+class Model:
+    """Layers built from specs; forward(xs, ts) -> loss, backward(), predict(xs) -> logits."""
+
+    def __init__(self, specs, vocab_size, backend, registry, seed=0):
+        if not specs:
+            raise SpecError("a model needs at least one layer and a loss layer")
+        self.specs = copy.deepcopy(list(specs))
+        self.vocab_size = int(vocab_size)
+        self.backend = backend
+        self.names = layer_names(self.specs)
+        rng = backend.host_rng(seed)
+        self.layers = []
+        size = None
+        for spec in self.specs:
+            layer = registry.build_layer(spec, LayerContext(backend, rng, size, self.vocab_size))
+            self.layers.append(layer)
+            size = getattr(layer, "output_size", size)
+        if not self.layers[-1].is_loss:
+            raise SpecError(f"the last layer must be a loss layer (such as softmax_loss), "
+                            f"not {self.specs[-1]['type']!r}")
+        for spec, layer in zip(self.specs[:-1], self.layers[:-1]):
+            if layer.is_loss:
+                raise SpecError(f"loss layer {spec['type']!r} may only come last")
+        if not self.layers[0].takes_ids:
+            raise SpecError(f"the first layer must read token ids (such as embedding), "
+                            f"not {self.specs[0]['type']!r}")
+
+    @property
+    def params(self):
+        """{"layer.param": array} over all layers, in layer order (arrays are shared, not copies)."""
+        return {f"{n}.{k}": v for n, layer in zip(self.names, self.layers) for k, v in layer.params.items()}
+
+    @property
+    def grads(self):
+        """{"layer.param": gradient}, the same keys as `params`."""
+        return {f"{n}.{k}": v for n, layer in zip(self.names, self.layers) for k, v in layer.grads.items()}
+
+    def predict(self, xs):
+        """Logits (B, T, V) for token ids xs (B, T); carries the recurrent state like forward."""
+        x = xs
+        for layer in self.layers[:-1]:
+            x = layer.forward(x)
+        return x
+
+    def forward(self, xs, ts):
+        """Mean loss over the block (a 0-d device array)."""
+        return self.layers[-1].forward(self.predict(xs), ts)
+
+    def backward(self, dout=1.0):
+        d = dout
+        for layer in reversed(self.layers):
+            d = layer.backward(d)
+        return d
+
+    def stateful_layers(self):
+        return [(n, layer) for n, layer in zip(self.names, self.layers) if layer.stateful]
+
+    def reset_state(self):
+        for _, layer in self.stateful_layers():
+            layer.reset_state()
+
+    def get_state(self):
+        """{"layer.key": array} of every carried state (for checkpoints)."""
+        return {f"{n}.{k}": v for n, layer in self.stateful_layers() for k, v in layer.get_state().items()}
+
+    def set_state(self, state):
+        for n, layer in self.stateful_layers():
+            prefix = n + "."
+            layer.set_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def train(self, mode=True):
+        """Switch layers such as dropout between training (True) and evaluation (False)."""
+        for layer in self.layers:
+            layer.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)

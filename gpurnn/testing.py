@@ -1,0 +1,239 @@
+"""The conformance kit: checks that any layer type, built-in or a user's, keeps the layer contract.
+
+    from gpurnn.testing import check_layer
+    check_layer("my_layer", {"size": 8}, plugins=["my_plugin"])
+
+`check_layer` builds the layer in float64 and checks shapes and dtypes, every parameter's and the
+input's gradient against central differences, and for stateful layers the truncated-BPTT semantics
+(two blocks equal one long block, `reset_state` starts afresh, the gradient of a block treats the
+carried state as a constant). Where CuPy is usable it also checks that CuPy gives NumPy's numbers.
+Failures raise `ConformanceError` (an AssertionError) saying what broke.
+"""
+
+import numpy as np
+
+from .backend import get_backend, probe_cupy
+from .layers import LayerContext
+from .registry import Registry
+
+EPS = 1e-6
+
+
+class ConformanceError(AssertionError):
+    """A layer broke the layer contract; the message says how."""
+
+
+def relative_error(analytic, numeric):
+    """max |a - n| / max(max |a|, max |n|, 1e-8): one number per array, robust to tiny entries."""
+    a, n = np.asarray(analytic, np.float64), np.asarray(numeric, np.float64)
+    scale = max(np.abs(a).max(initial=0.0), np.abs(n).max(initial=0.0), 1e-8)
+    return float(np.abs(a - n).max(initial=0.0) / scale)
+
+
+def numerical_gradient(f, array, eps=EPS):
+    """Central differences of the scalar f() with respect to every entry of `array` (changed in place)."""
+    grad = np.zeros(array.shape)
+    flat = array.reshape(-1)  # a view: perturbing it perturbs `array`
+    for i in range(flat.size):
+        old = flat[i].item()
+        flat[i] = old + eps
+        plus = float(f())
+        flat[i] = old - eps
+        minus = float(f())
+        flat[i] = old
+        grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def _check(condition, message):
+    if not condition:
+        raise ConformanceError(message)
+
+
+class _Probe:
+    """One layer with fixed random inputs, reduced to a scalar so gradients can be compared.
+
+    Everything random is drawn from `seed`, so a probe on another backend sees the same numbers.
+    """
+
+    def __init__(self, layer, ctx, batch, time, seed):
+        self.layer, self.backend, self.seed = layer, ctx.backend, seed
+        self.shape, self.ctx = (batch, time), ctx
+        targets = np.random.default_rng(seed + 1).integers(0, ctx.input_size or ctx.vocab_size, self.shape)
+        self.t = self.backend.asarray(targets)
+        self.weights = None
+
+    def block(self, k):
+        """Input block number k (token ids or float features), on the layer's backend."""
+        rng = np.random.default_rng(self.seed + 10 + k)
+        if self.layer.takes_ids:
+            return self.backend.asarray(rng.integers(0, self.ctx.vocab_size, self.shape))
+        x = rng.standard_normal(self.shape + (self.ctx.input_size,))
+        return self.backend.asarray(x, dtype=self.backend.dtype)
+
+    def scalar(self, x):
+        """The layer's loss, or sum(out * R) with a fixed random R for an ordinary layer."""
+        if self.layer.is_loss:
+            return self.layer.forward(x, self.t)
+        out = self.layer.forward(x)
+        if self.weights is None:
+            r = np.random.default_rng(self.seed + 2).standard_normal(out.shape)
+            self.weights = self.backend.asarray(r, dtype=out.dtype)
+        return (out * self.weights).sum()
+
+    def backward(self):
+        return self.layer.backward(1.0 if self.layer.is_loss else self.weights)
+
+    def host(self, array):
+        return None if array is None else np.array(self.backend.to_host(array))
+
+
+def build_checked_layer(registry, layer_type, options, backend, vocab_size, input_size, seed):
+    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size)
+    layer = registry.build_layer({"type": layer_type, **(options or {})}, ctx)
+    if layer.is_loss:
+        ctx.input_size = vocab_size
+    return layer, ctx
+
+
+def gradient_errors(probe, x, state=None):
+    """Relative errors of every analytic gradient (params and, for float inputs, the input).
+
+    With `state`, each evaluation restarts from that carried state, so the check sees the block's
+    gradient with the state held constant: truncated BPTT.
+    """
+    layer = probe.layer
+
+    def f():
+        if state is not None:
+            layer.set_state(state)
+        return probe.scalar(x)
+
+    f()
+    dx = probe.backward()
+    analytic = {k: probe.host(v) for k, v in layer.grads.items()}
+    targets = list(layer.params.items())
+    if not layer.takes_ids:
+        _check(dx is not None and dx.shape == x.shape,
+               f"backward must return d(input) with the input's shape {x.shape}, got "
+               f"{None if dx is None else dx.shape}")
+        analytic["<input>"] = probe.host(dx)
+        targets.append(("<input>", x))
+    return {name: relative_error(analytic[name], numerical_gradient(f, value)) for name, value in targets}
+
+
+def run_blocks(probe, count=2):
+    """From a fresh state, the scalar of `count` consecutive blocks, then backward: all on the host."""
+    if probe.layer.stateful:
+        probe.layer.reset_state()
+    outs = [probe.host(probe.scalar(probe.block(k))) for k in range(count)]
+    dx = probe.host(probe.backward())
+    return outs, dx, {k: probe.host(v) for k, v in probe.layer.grads.items()}
+
+
+def check_layer(layer_type, options=None, *, plugins=(), registry=None, vocab_size=7, input_size=5,
+                batch=2, time=3, seed=0, tol=1e-5):
+    """Check `layer_type` (built with `options`) against the layer contract; return a report dict.
+
+    Raises ConformanceError on the first violation. The report holds the gradient check's relative
+    errors per parameter, and which optional checks ran (stateful, cupy parity).
+    """
+    registry = registry or Registry(plugins=plugins)
+    backend = get_backend("numpy", dtype="float64")
+    probe = _Probe(*build_checked_layer(registry, layer_type, options, backend, vocab_size, input_size, seed),
+                   batch, time, seed)
+    layer = probe.layer
+    report = {"layer_type": layer_type, "stateful": bool(layer.stateful), "cupy_parity": False}
+    check_shapes(probe)
+    x1, x2 = probe.block(0), probe.block(1)
+    if layer.stateful:
+        check_stateful(probe, x1, x2)
+        layer.reset_state()
+        probe.scalar(x1)  # the carried state now comes from block 1
+        state = {k: v.copy() for k, v in layer.get_state().items()}
+        report["grad_errors"] = gradient_errors(probe, x2, state)
+    else:
+        report["grad_errors"] = gradient_errors(probe, x1)
+    name, worst = max(report["grad_errors"].items(), key=lambda kv: kv[1], default=("", 0.0))
+    _check(worst < tol, f"gradient of {name!r} differs from central differences: "
+                        f"relative error {worst:.2e} >= {tol:.0e}")
+    cupy, _ = probe_cupy()
+    if cupy is not None:
+        check_cupy_parity(registry, layer_type, options, vocab_size, input_size, seed, probe)
+        report["cupy_parity"] = True
+    return report
+
+
+def check_shapes(probe):
+    """Output shape (B, T, output_size) and the backend's dtype; a loss layer returns a scalar."""
+    layer, x = probe.layer, probe.block(0)
+    if layer.stateful:
+        layer.reset_state()
+    if layer.is_loss:
+        out = layer.forward(x, probe.t)
+        _check(np.ndim(out) == 0, f"a loss layer's forward must return a scalar, got shape {np.shape(out)}")
+        return
+    out = layer.forward(x)
+    expected = probe.shape + (layer.output_size,)
+    _check(out.shape == expected, f"forward gave shape {out.shape}, expected {expected}")
+    _check(out.dtype == probe.backend.dtype, f"forward gave dtype {out.dtype}, expected {probe.backend.dtype}")
+
+
+def check_stateful(probe, x1, x2):
+    """Two consecutive blocks equal one long block; reset_state() starts afresh."""
+    layer, host = probe.layer, probe.host
+    _check(all(callable(getattr(layer, m, None)) for m in ("reset_state", "get_state", "set_state")),
+           "a stateful layer needs reset_state(), get_state() and set_state()")
+    layer.reset_state()
+    first, second = host(layer.forward(x1)), host(layer.forward(x2))
+    layer.reset_state()
+    both = host(layer.forward(probe.backend.xp.concatenate([x1, x2], axis=1)))
+    _check(np.allclose(both[:, x1.shape[1]:], second),
+           "forward over two blocks differs from one forward over both: the state is not carried")
+    layer.reset_state()
+    _check(np.allclose(host(layer.forward(x1)), first), "after reset_state() the first block gives other outputs")
+    _check(not np.allclose(host(layer.forward(x1)), first),
+           "repeating a block without reset_state() gives the same outputs: is the state carried?")
+
+
+def check_cupy_parity(registry, layer_type, options, vocab_size, input_size, seed, np_probe, rtol=1e-6):
+    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients."""
+    gpu = get_backend("cupy", dtype="float64")
+    gpu_probe = _Probe(*build_checked_layer(registry, layer_type, options, gpu, vocab_size, input_size, seed),
+                       *np_probe.shape, seed)
+    (outs_a, dx_a, grads_a), (outs_b, dx_b, grads_b) = run_blocks(np_probe), run_blocks(gpu_probe)
+
+    def close(a, b):
+        return np.allclose(a, b, rtol=rtol, atol=1e-9)
+
+    _check(all(map(close, outs_a, outs_b)), "CuPy forward differs from NumPy")
+    _check((dx_a is None and dx_b is None) or close(dx_a, dx_b), "CuPy input gradient differs from NumPy")
+    for k in grads_a:
+        _check(close(grads_a[k], grads_b[k]), f"CuPy gradient {k!r} differs from NumPy")
+
+
+def check_model_gradients(model, blocks, tol=1e-5):
+    """Gradient check of a whole float64 model on the last of consecutive (xs, ts) blocks.
+
+    The earlier blocks only set the carried state, which each evaluation restores, so the check sees
+    truncated BPTT's gradient. Returns {param name: relative error}; raises ConformanceError past `tol`.
+    """
+    backend = model.backend
+    model.reset_state()
+    for xs, ts in blocks[:-1]:
+        model.forward(xs, ts)
+    state = {k: v.copy() for k, v in model.get_state().items()}
+    xs, ts = blocks[-1]
+
+    def f():
+        model.set_state(state)
+        return model.forward(xs, ts)
+
+    f()
+    model.backward()
+    analytic = {k: np.array(backend.to_host(v)) for k, v in model.grads.items()}
+    errors = {k: relative_error(analytic[k], numerical_gradient(f, v)) for k, v in model.params.items()}
+    name, worst = max(errors.items(), key=lambda kv: kv[1])
+    _check(worst < tol, f"model gradient of {name!r} differs from central differences: "
+                        f"relative error {worst:.2e} >= {tol:.0e}")
+    return errors

@@ -1,0 +1,1 @@
+"""Training: optimizers, the loop, evaluation, checkpoints and generation."""

@@ -1,0 +1,83 @@
+"""The model: presets, names, the whole-model gradient check over two blocks, spec errors."""
+
+import numpy as np
+import pytest
+
+from gpurnn.errors import SpecError
+from gpurnn.model import Model, preset_specs
+from gpurnn.testing import check_model_gradients
+
+V = 11
+
+
+def small_model(registry, backend, seed=0):
+    return Model(preset_specs("simple-rnnlm", wordvec_size=4, hidden_size=5), V, backend, registry, seed=seed)
+
+
+def blocks(rng, count=2, B=2, T=3):
+    return [(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))) for _ in range(count)]
+
+
+def test_simple_rnnlm_gradient_over_two_blocks(registry, np64, rng):
+    errors = check_model_gradients(small_model(registry, np64), blocks(rng))
+    assert set(errors) == {"embedding.W", "rnn.Wx", "rnn.Wh", "rnn.b", "affine.W", "affine.b"}
+    assert max(errors.values()) < 1e-5
+
+
+def test_params_and_grads_have_readable_names_and_matching_shapes(registry, np64):
+    model = small_model(registry, np64)
+    assert list(model.params) == list(model.grads)
+    assert model.params["rnn.Wh"].shape == (5, 5)
+    assert model.params["affine.W"].shape == (5, V)
+    for k in model.params:
+        assert model.params[k].shape == model.grads[k].shape
+
+
+def test_same_seed_same_model_and_state_is_carried(registry, np64, rng):
+    a, b = small_model(registry, np64, seed=3), small_model(registry, np64, seed=3)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    (x1, t1), (x2, t2) = blocks(rng)
+    loss_fresh = float(a.forward(x2, t2))
+    a.reset_state()
+    a.forward(x1, t1)
+    loss_carried = float(a.forward(x2, t2))
+    assert loss_fresh != loss_carried
+    a.reset_state()
+    assert float(a.forward(x2, t2)) == loss_fresh
+    assert set(a.get_state()) == {"rnn.h"}
+
+
+def test_initial_loss_is_near_log_vocab(registry, rng):
+    from gpurnn.backend import get_backend
+    model = Model(preset_specs("simple-rnnlm"), 1000, get_backend("numpy"), registry)
+    xs, ts = rng.integers(0, 1000, (10, 5)), rng.integers(0, 1000, (10, 5))
+    assert float(model.forward(xs, ts)) == pytest.approx(np.log(1000), rel=0.01)
+    assert model.predict(xs).shape == (10, 5, 1000)
+
+
+def test_repeated_layer_types_get_numbered_names(registry, np64):
+    specs = [{"type": "embedding", "size": 3}, {"type": "rnn", "hidden_size": 4},
+             {"type": "rnn", "hidden_size": 4}, {"type": "affine"}, {"type": "softmax_loss"}]
+    model = Model(specs, V, np64, registry)
+    assert {"rnn1.Wh", "rnn2.Wh"} <= set(model.params)
+
+
+@pytest.mark.parametrize("specs, message", [
+    ([{"type": "embedding", "size": 3}, {"type": "affine"}], "last layer must be a loss"),
+    ([{"type": "rnn", "hidden_size": 3}, {"type": "affine"}, {"type": "softmax_loss"}], "needs an input size"),
+    ([{"type": "embedding"}, {"type": "softmax_loss"}, {"type": "affine"}, {"type": "softmax_loss"}],
+     "may only come last"),
+    ([{"type": "embedding"}, {"type": "lstmm"}, {"type": "softmax_loss"}], "unknown layer type 'lstmm'"),
+    ([{"type": "embedding", "sizee": 3}, {"type": "softmax_loss"}], "unexpected keyword argument 'sizee'"),
+    (["embedding"], "must be a mapping"),
+    ([], "at least one layer"),
+])
+def test_bad_specs_are_clear_errors(registry, np64, specs, message):
+    with pytest.raises(SpecError, match=message):
+        Model(specs, V, np64, registry)
+
+
+def test_unknown_preset(registry):
+    with pytest.raises(SpecError, match="unknown model preset 'nope'"):
+        preset_specs("nope")
