@@ -111,10 +111,15 @@ class Backend:
         """A NumPy generator; parameters are drawn on the host so both backends start identical."""
         return np.random.default_rng(seed)
 
-    def seed(self, seed):
-        """Seed the device's global random state (dropout masks and other sampling on the device)."""
-        if self.xp is not np:
-            self.xp.random.seed(seed)
+    def generator(self, seed):
+        """A random generator on the device, for sampling during training (dropout masks).
+
+        On NumPy its state can be saved and restored exactly (`generator_state`), so a resumed run
+        draws the same masks as an uninterrupted one.
+        """
+        if self.xp is np:
+            return np.random.default_rng(seed)
+        return self.xp.random.default_rng(seed)
 
     def synchronize(self):
         """Wait for all queued device work (needed before reading a wall clock on the GPU)."""

@@ -17,13 +17,16 @@ class LayerContext:
 
     backend: the array backend (its `xp` and float dtype); rng: a NumPy generator for initial values
     (drawn on the host so NumPy and CuPy start from identical parameters); input_size: the feature size
-    of the previous layer's output (None for the first layer); vocab_size: the model's vocabulary size.
+    of the previous layer's output (None for the first layer); vocab_size: the model's vocabulary size;
+    generator: the model's device-side generator for sampling while training (dropout masks), shared
+    by all its layers and saved in checkpoints (None where a layer is built alone: make one then).
     """
 
     backend: Backend
     rng: np.random.Generator
     input_size: int | None
     vocab_size: int
+    generator: object = None
 
 
 class Layer:

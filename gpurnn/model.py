@@ -63,10 +63,12 @@ class Model:
         self.backend = backend
         self.names = layer_names(self.specs)
         rng = backend.host_rng(seed)
+        self.generator = backend.generator(seed + 1)
         self.layers = []
         size = None
         for spec in self.specs:
-            layer = registry.build_layer(spec, LayerContext(backend, rng, size, self.vocab_size))
+            ctx = LayerContext(backend, rng, size, self.vocab_size, self.generator)
+            layer = registry.build_layer(spec, ctx)
             self.layers.append(layer)
             size = getattr(layer, "output_size", size)
         if not self.layers[-1].is_loss:
