@@ -121,6 +121,14 @@ class Backend:
             return np.random.default_rng(seed)
         return self.xp.random.default_rng(seed)
 
+    def generator_state(self, generator):
+        """The generator's state as a JSON-able dict (NumPy), or None where it cannot be saved (CuPy)."""
+        return generator.bit_generator.state if self.xp is np else None
+
+    def set_generator_state(self, generator, state):
+        if state is not None and self.xp is np:
+            generator.bit_generator.state = state
+
     def synchronize(self):
         """Wait for all queued device work (needed before reading a wall clock on the GPU)."""
         if self.xp is not np:

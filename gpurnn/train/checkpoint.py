@@ -1,0 +1,86 @@
+"""Checkpoints as HDF5 files: everything needed to resume training exactly, and nothing executable.
+
+Layout (format ``gpurnn-checkpoint``, version 1)::
+
+    /                 attrs: format, format_version, gpurnn_version, meta (JSON, see below)
+    /params/<name>    one dataset per parameter, named as in Model.params ("rnn.Wh")
+    /optimizer/<key>  the optimizer's arrays (Adam: "m.<name>", "v.<name>")
+    /state/<name>     the hidden state carried by stateful layers ("rnn.h")
+    /vocab            the vocabulary, UTF-8 strings, id order
+
+``meta`` holds the model specs and vocabulary size, the corpus level, the training options, the
+trainer's counters (iteration, epoch, learning rate, best validation perplexity), the optimizer's
+scalar state, the stream's state and the random generators' states. The file is written under a
+temporary name in the same folder and renamed, so a checkpoint on disk is never half-written.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CheckpointError
+
+FORMAT = "gpurnn-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_path(path):
+    """A temporary name beside `path`: renaming it over `path` is atomic on one filesystem."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
+    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise CheckpointError(f"cannot write checkpoint {path}: folder {path.parent} does not exist")
+    tmp = atomic_path(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["meta"] = json.dumps(meta)
+            for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
+                g = f.create_group(group)
+                for name, value in arrays.items():
+                    g.create_dataset(name, data=np.asarray(value))
+            f.create_dataset("vocab", data=np.array(list(vocab), dtype=h5py.string_dtype("utf-8")))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Checkpoint:
+    """A loaded checkpoint: `params`, `optimizer_arrays`, `state` (host arrays), `vocab`, `meta`."""
+
+    def __init__(self, path, params, optimizer_arrays, state, vocab, meta):
+        self.path, self.params, self.optimizer_arrays = path, params, optimizer_arrays
+        self.state, self.vocab, self.meta = state, vocab, meta
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by `save_checkpoint`; CheckpointError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a gpurnn checkpoint")
+            version = int(f.attrs.get("format_version", -1))
+            if version > FORMAT_VERSION:
+                raise CheckpointError(f"{path} has checkpoint format {version}; this gpurnn reads up to "
+                                      f"{FORMAT_VERSION}: upgrade gpurnn")
+            meta = json.loads(f.attrs["meta"])
+            groups = [{k: v[()] for k, v in f[g].items()} for g in ("params", "optimizer", "state")]
+            vocab = [s.decode("utf-8") if isinstance(s, bytes) else s for s in f["vocab"][()]]
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable gpurnn checkpoint ({exc})") from exc
+    return Checkpoint(path, *groups, vocab, meta)

@@ -1,0 +1,199 @@
+"""The training loop: truncated BPTT over an ordered stream, with logging, evaluation and checkpoints.
+
+One iteration: next (xs, ts) block from the stream -> forward (the hidden state carries over from the
+previous block) -> backward -> optional gradient-norm clipping -> optimizer step. The loss stays on the
+device; it is read back only when a window of iterations is logged, which is also where a non-finite
+loss is caught. Everything that decides the next parameters (params, optimizer, stream position,
+hidden state, random generator, learning rate, best validation perplexity) is saved in checkpoints,
+so a resumed run ends bit-identical to an uninterrupted one on NumPy.
+"""
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+from ..errors import GpurnnError
+from .checkpoint import save_checkpoint
+from .evaluate import perplexity
+from .optim import clip_grads
+
+
+class TrainingDiverged(GpurnnError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT after saving a checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Training options (saved in checkpoints). epochs or max_iters bounds the run."""
+
+    batch_size: int = 20
+    time_size: int = 35
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    clip: float | None = None
+    lr_decay: float | None = None
+    epochs: int | None = None
+    max_iters: int | None = None
+    seed: int = 0
+    eval_every: int | None = None
+    eval_batch_size: int = 10
+    save_every: int | None = None
+    log_every: int = 20
+
+
+class Trainer:
+    """Runs a model over a stream; `run()` trains until epochs/max_iters, saving where asked.
+
+    on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
+    tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total) is called
+    after every iteration, for progress bars.
+    """
+
+    def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
+                 vocab=(), extra_meta=None, on_log=None, on_step=None):
+        self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
+        self.valid_ids = valid_ids
+        self.checkpoint_path = checkpoint_path
+        self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
+        self.on_log = on_log or (lambda record: None)
+        self.on_step = on_step or (lambda iteration, total: None)
+        self.iteration = 0
+        self.best_valid = math.inf
+        self.saved_iteration = None
+        self._window = []
+        self._window_start = None
+        self._stop_requested = False
+
+    @property
+    def total_iters(self):
+        if self.config.max_iters is not None:
+            return self.config.max_iters
+        return (self.config.epochs or 1) * self.stream.steps_per_epoch
+
+    def run(self):
+        """Train to `total_iters`; on SIGINT save a checkpoint and raise Interrupted."""
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        try:
+            self._loop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        self.save()
+
+    def _request_stop(self, signum, frame):
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def _loop(self):
+        cfg, model, backend = self.config, self.model, self.model.backend
+        model.train()
+        self._window_start = time.perf_counter()
+        total = self.total_iters
+        while self.iteration < total:
+            xs, ts = next(self.stream)
+            loss = model.forward(backend.asarray(xs), backend.asarray(ts))
+            model.backward()
+            grads = model.grads
+            if cfg.clip:
+                clip_grads(grads, cfg.clip)
+            self.optimizer.step(model.params, grads)
+            self.iteration += 1
+            self._window.append(loss)
+            i = self.iteration
+            evaluate = bool(cfg.eval_every and i % cfg.eval_every == 0) or (i == total and self.valid_ids is not None)
+            save = bool(cfg.save_every and i % cfg.save_every == 0)
+            if i % cfg.log_every == 0 or evaluate or save or i == total or self._stop_requested:
+                self._log(evaluate)
+            if save:
+                self.save()
+            self.on_step(i, total)
+            if self._stop_requested:
+                self.save()
+                raise Interrupted(f"interrupted at iteration {i}")
+
+    def _log(self, evaluate):
+        """Read the window's losses back (the only host sync), check them, report, maybe evaluate."""
+        backend = self.model.backend
+        losses = backend.to_host(backend.xp.stack(self._window)).astype(float)
+        first = self.iteration - len(losses) + 1
+        bad = [first + k for k, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            kept = (f"; the last good checkpoint (iteration {self.saved_iteration}) is kept"
+                    if self.saved_iteration is not None else "")
+            raise TrainingDiverged(f"the loss became non-finite at iteration {bad[0]}{kept}")
+        elapsed = time.perf_counter() - self._window_start
+        tokens = len(losses) * self.config.batch_size * self.config.time_size
+        record = {"iteration": self.iteration, "epoch": round(self.iteration / self.stream.steps_per_epoch, 4),
+                  "lr": self.optimizer.lr, "train_perplexity": math.exp(float(losses.mean())),
+                  "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        if evaluate and self.valid_ids is not None:
+            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size)
+            record["valid_perplexity"] = valid
+            self._plateau(valid)
+        self.on_log(record)
+        self._window = []
+        self._window_start = time.perf_counter()
+
+    def _plateau(self, valid):
+        """Keep the best validation perplexity; decay the learning rate when it stops improving."""
+        if valid < self.best_valid:
+            self.best_valid = valid
+        elif self.config.lr_decay:
+            self.optimizer.lr *= self.config.lr_decay
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self):
+        """Write everything needed to resume to the checkpoint path (if any), atomically."""
+        if not self.checkpoint_path:
+            return
+        backend = self.model.backend
+        opt_state = self.optimizer.state_dict()
+        arrays = {k: backend.to_host(v) for k, v in opt_state.items() if not isinstance(v, (int, float))}
+        scalars = {k: v for k, v in opt_state.items() if isinstance(v, (int, float))}
+        meta = {
+            **self.extra_meta,
+            "specs": self.model.specs,
+            "vocab_size": self.model.vocab_size,
+            "config": asdict(self.config),
+            "trainer": {"iteration": self.iteration, "best_valid": _json_float(self.best_valid),
+                        "lr": self.optimizer.lr},
+            "optimizer_scalars": scalars,
+            "stream": self.stream.state_dict(),
+            "generator": backend.generator_state(self.model.generator),
+            "backend": backend.name,
+        }
+        save_checkpoint(self.checkpoint_path,
+                        params={k: backend.to_host(v) for k, v in self.model.params.items()},
+                        optimizer_arrays=arrays,
+                        state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
+                        vocab=self.vocab, meta=meta)
+        self.saved_iteration = self.iteration
+
+    def restore(self, checkpoint):
+        """Continue from a loaded Checkpoint made by `save` for this same model and stream."""
+        backend, model, meta = self.model.backend, self.model, checkpoint.meta
+        for name, value in model.params.items():
+            value[...] = backend.asarray(checkpoint.params[name], dtype=value.dtype)
+        self.optimizer.load_state_dict({**meta["optimizer_scalars"],
+                                        **{k: backend.asarray(v) for k, v in checkpoint.optimizer_arrays.items()}})
+        self.optimizer.lr = meta["trainer"]["lr"]
+        model.set_state({k: backend.asarray(v) for k, v in checkpoint.state.items()})
+        self.stream.load_state_dict(meta["stream"])
+        backend.set_generator_state(model.generator, meta["generator"])
+        self.iteration = meta["trainer"]["iteration"]
+        self.best_valid = _from_json_float(meta["trainer"]["best_valid"])
+        self.saved_iteration = self.iteration
+
+
+def _json_float(x):
+    return None if math.isinf(x) else x
+
+
+def _from_json_float(x):
+    return math.inf if x is None else x

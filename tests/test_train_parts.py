@@ -1,0 +1,144 @@
+"""Optimizers, clipping, checkpoint files, evaluation coverage and sampling (no stream needed)."""
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+
+from gpurnn.errors import CheckpointError, GpurnnError
+from gpurnn.model import Model, preset_specs
+from gpurnn.train.checkpoint import atomic_path, load_checkpoint, save_checkpoint
+from gpurnn.train.evaluate import IGNORE, eval_batches, perplexity
+from gpurnn.train.generate import prompt_ids, render, sample
+from gpurnn.train.optim import Adam, SGD, clip_grads, make_optimizer
+
+
+def test_clip_scales_to_max_norm_and_leaves_small_gradients():
+    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
+    norm = clip_grads(grads, 1.0)
+    assert float(norm) == pytest.approx(5.0)
+    assert np.sqrt(sum((g ** 2).sum() for g in grads.values())) == pytest.approx(1.0, rel=1e-5)
+    small = {"a": np.array([0.3, 0.4])}
+    clip_grads(small, 1.0)
+    np.testing.assert_allclose(small["a"], [0.3, 0.4])
+
+
+def test_sgd_and_adam_minimise_a_quadratic():
+    for opt in (SGD(lr=0.1), Adam(lr=0.1)):
+        p = {"x": np.array([5.0, -3.0])}
+        for _ in range(300):
+            opt.step(p, {"x": 2 * p["x"]})
+        assert np.abs(p["x"]).max() < 1e-2, type(opt).__name__
+
+
+def test_adam_matches_the_textbook_formula_and_round_trips_its_state():
+    opt = Adam(lr=0.01)
+    p, g = {"x": np.array([1.0])}, {"x": np.array([0.5])}
+    opt.step(p, g)
+    # first step: m = 0.05, v = 0.00025; lr_t = 0.01 * sqrt(0.001) / 0.1
+    expected = 1.0 - 0.01 * math.sqrt(1 - 0.999) / (1 - 0.9) * 0.05 / (math.sqrt(0.00025) + 1e-8)
+    assert p["x"][0] == pytest.approx(expected, rel=1e-12)
+    clone = Adam(lr=0.01)
+    clone.load_state_dict({k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict().items()})
+    q = {"x": p["x"].copy()}
+    opt.step(p, g)
+    clone.step(q, g)
+    assert p["x"][0] == q["x"][0]
+    with pytest.raises(GpurnnError, match="unknown optimizer"):
+        make_optimizer("lbfgs", 1.0)
+
+
+def test_checkpoint_round_trip_and_atomicity(tmp_path):
+    path = tmp_path / "ck.h5"
+    params = {"rnn.Wh": np.arange(6.0).reshape(2, 3)}
+    save_checkpoint(path, params=params, optimizer_arrays={"m.rnn.Wh": np.ones((2, 3))},
+                    state={"rnn.h": np.zeros((1, 3))}, vocab=["a", "ü", "<eos>"], meta={"x": [1, 2]})
+    assert not atomic_path(path).exists()
+    ck = load_checkpoint(path)
+    np.testing.assert_array_equal(ck.params["rnn.Wh"], params["rnn.Wh"])
+    assert ck.vocab == ["a", "ü", "<eos>"] and ck.meta == {"x": [1, 2]}
+    assert set(ck.optimizer_arrays) == {"m.rnn.Wh"} and set(ck.state) == {"rnn.h"}
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path):
+    path = tmp_path / "ck.h5"
+    save_checkpoint(path, params={"w": np.ones(2)}, optimizer_arrays={}, state={}, vocab=["a"], meta={})
+    with pytest.raises(TypeError):
+        save_checkpoint(path, params={"w": np.ones(2)}, optimizer_arrays={}, state={}, vocab=["a"],
+                        meta={"bad": object()})
+    assert load_checkpoint(path).params["w"].tolist() == [1.0, 1.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.h5"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no checkpoint file"),
+    (b"not hdf5 at all", "not a readable gpurnn checkpoint"),
+    ("other-h5", "is not a gpurnn checkpoint"),
+    ("future", "checkpoint format 99"),
+    ("truncated", "not a readable gpurnn checkpoint"),
+])
+def test_bad_checkpoints_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "ck.h5"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "other-h5":
+        with h5py.File(path, "w") as f:
+            f["x"] = 1
+    elif content in ("future", "truncated"):
+        save_checkpoint(path, params={"w": np.ones(1000)}, optimizer_arrays={}, state={}, vocab=["a"], meta={})
+        if content == "future":
+            with h5py.File(path, "a") as f:
+                f.attrs["format_version"] = 99
+        else:
+            path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("n, B, T", [(2, 1, 1), (50, 3, 4), (101, 10, 35), (37, 40, 5), (64, 7, 9)])
+def test_eval_batches_score_every_token_exactly_once(n, B, T):
+    ids = np.arange(n) % 13 + 100 * np.arange(n)  # each position's value is unique
+    scored = []
+    for xs, ts, count in eval_batches(ids, B, T):
+        assert xs.shape == ts.shape and xs.shape[1] == T
+        mask = ts != IGNORE
+        assert count == mask.sum()
+        # each scored target follows its input in the split
+        for x, t in zip(xs[mask], ts[mask]):
+            assert list(ids).index(t) == list(ids).index(x) + 1
+        scored.extend(ts[mask].tolist())
+    assert sorted(scored) == sorted(ids[1:].tolist())
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(registry, np64):
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 9, np64, registry)
+    for name, value in model.params.items():
+        if name.startswith("affine"):
+            value[...] = 0  # uniform output
+    ids = np.random.default_rng(0).integers(0, 9, 40)
+    ppl, tokens = perplexity(model, ids, batch_size=3, time_size=5)
+    assert tokens == 39 and ppl == pytest.approx(9.0, rel=1e-9)
+
+
+def test_perplexity_leaves_training_state_alone(registry, np64):
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 9, np64, registry)
+    model.forward(np.ones((2, 3), np.int32), np.ones((2, 3), np.int32))
+    before = model.get_state()["rnn.h"].copy()
+    perplexity(model, np.arange(30) % 9)
+    np.testing.assert_array_equal(model.get_state()["rnn.h"], before)
+
+
+def test_sampling_is_reproducible_and_respects_top_k(registry, np64):
+    vocab = ["a", "b", "c", "<eos>", "<unk>"]
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
+    ids = prompt_ids(["a", "zzz"], vocab)
+    assert ids == [0, 4]
+    first = sample(model, ids, 30, seed=7)
+    assert first == sample(model, ids, 30, seed=7)
+    assert first != sample(model, ids, 30, seed=8)
+    assert sample(model, ids, 30, top_k=1, seed=1) == sample(model, ids, 30, top_k=1, seed=2)  # greedy
+    assert render(["a", "x", "<eos>", "b", "<eos>", "c"], "word") == "a x\nb\nc"
+    assert render(list("hi\n"), "char") == "hi\n"
+    with pytest.raises(GpurnnError, match="temperature"):
+        sample(model, ids, 3, temperature=0)
