@@ -84,10 +84,137 @@ def plugins(ctx, as_json):
         click.echo(f"{r['type']:<{width}}  {r['plugin']:<{pwidth}}  {r['description']}")
 
 
+MODEL_OPTIONS = ("model", "model_config", "wordvec_size", "hidden_size")
+TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
+               "seed", "eval_every", "save_every", "log_every")
+
+
+def explicit_options(ctx, names):
+    """The option names the user gave on the command line (not defaults)."""
+    return {n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE}
+
+
+@cli.command()
+@click.argument("corpus", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", default="simple-rnnlm", show_default=True, help="Model preset.")
+@click.option("--model-config", type=click.Path(dir_okay=False), help="TOML file with [[layers]] specs (overrides --model).")
+@click.option("--wordvec-size", type=click.IntRange(1), help="Embedding size D of the preset.")
+@click.option("--hidden-size", type=click.IntRange(1), help="Hidden size H of the preset.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Optimizer [default: sgd].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate [default: 0.1].")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), help="Clip the global gradient norm to this.")
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), help="Multiply lr by this when validation perplexity stops improving.")
+@click.option("--batch-size", type=click.IntRange(1), help="Lanes B [default: 20; demo 10].")
+@click.option("--time-size", type=click.IntRange(1), help="Truncated-BPTT block length T [default: 35; demo 5].")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs [default: 1; demo 100].")
+@click.option("--max-iters", type=click.IntRange(1), help="Stop after this many iterations (overrides --epochs).")
+@click.option("--seed", type=int, help="Random seed [default: 0].")
+@click.option("--eval-every", type=click.IntRange(1), help="Validation perplexity every N iterations (and at the end).")
+@click.option("--log-every", type=click.IntRange(1), help="Log every N iterations [default: an epoch, at most 100].")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (HDF5), written at the end and every --save-every.")
+@click.option("--save-every", type=click.IntRange(1), help="Save the checkpoint every N iterations.")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint exactly where it stopped.")
+@click.option("--metrics", type=click.Path(dir_okay=False), help="Append one JSON record per logged step to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write train/valid perplexity curves to this PNG (needs gpurnn[plot]).")
+@click.option("--quiet", is_flag=True, help="Print only the final summary.")
+@click.pass_context
+def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoint, resume, metrics, plot, quiet,
+          **train_options):
+    """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo)."""
+    from .progress import TrainingProgress
+    from .train.job import model_specs, prepare_job
+    from .train.metrics import MetricsLog, plot_perplexity, require_matplotlib
+    from .train.trainer import Interrupted
+
+    if plot:
+        require_matplotlib()
+    explicit = explicit_options(ctx, TRAIN_FLAGS)
+    if explicit_options(ctx, MODEL_OPTIONS):
+        explicit.add("specs")
+    specs = model_specs(model, model_config, wordvec_size, hidden_size)
+    log = MetricsLog(metrics)
+    trainer, _ = prepare_job(corpus, specs=specs, options=train_options, explicit=explicit,
+                             backend=backend_from(ctx), registry=registry_from(ctx),
+                             checkpoint=checkpoint, resume=resume)
+    progress = TrainingProgress(trainer.total_iters, quiet=quiet, first=trainer.iteration)
+    trainer.on_step = progress.on_step
+    trainer.on_log = lambda record: (log(record), progress.on_log(record))
+    if not quiet:
+        cfg = trainer.config
+        click.echo(f"training {' -> '.join(s['type'] for s in trainer.model.specs)} on "
+                   f"{corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}): "
+                   f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={cfg.lr} "
+                   f"iterations {trainer.iteration}..{trainer.total_iters}", err=True)
+    try:
+        trainer.run()
+    except Interrupted as exc:
+        progress.close()
+        click.echo(f"{exc}; checkpoint saved to {checkpoint}" if checkpoint else str(exc), err=True)
+        ctx.exit(130)
+    finally:
+        if plot and log.history():
+            plot_perplexity(log.history(), plot)
+    progress.close()
+    last = log.records[-1] if log.records else {}
+    summary = {k: last[k] for k in ("iteration", "epoch", "train_perplexity", "valid_perplexity") if k in last}
+    click.echo(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("corpus", type=click.Path(dir_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split to score.")
+@click.option("--batch-size", default=10, show_default=True, type=click.IntRange(1),
+              help="Lanes scored in parallel; 1 gives one exact left-to-right pass.")
+@click.option("--time-size", default=35, show_default=True, type=click.IntRange(1), help="Block length.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
+    """Perplexity of CHECKPOINT over a whole split of CORPUS.h5, every token scored once."""
+    from .data import open_corpus
+    from .train.checkpoint import load_checkpoint
+    from .train.evaluate import perplexity
+    from .train.job import model_from_checkpoint
+
+    saved = load_checkpoint(checkpoint)
+    data = open_corpus(corpus)
+    if list(data.vocab) != list(saved.vocab):
+        raise GpurnnError(f"the checkpoint's vocabulary ({len(saved.vocab)} tokens) does not match "
+                          f"{corpus}'s ({len(data.vocab)} tokens)")
+    model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
+    ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size)
+    if as_json:
+        emit_json({"perplexity": ppl, "tokens": tokens, "split": split})
+    else:
+        click.echo(f"{split} perplexity {ppl:.2f} over {tokens:,} tokens")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--prompt", default="", help="Text to start from (default: a sentence start).")
+@click.option("--length", default=50, show_default=True, type=click.IntRange(1), help="Tokens to sample.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-k", type=click.IntRange(1), help="Sample only among the K likeliest tokens.")
+@click.option("--seed", default=0, show_default=True, type=int, help="The same seed gives the same text.")
+@click.pass_context
+def generate(ctx, checkpoint, prompt, length, temperature, top_k, seed):
+    """Sample text from a trained CHECKPOINT."""
+    from .train.checkpoint import load_checkpoint
+    from .train.generate import prompt_ids, render, sample, tokenize
+    from .train.job import model_from_checkpoint
+
+    saved = load_checkpoint(checkpoint)
+    level = saved.meta.get("level", "word")
+    model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
+    tokens = tokenize(prompt, level)
+    ids = sample(model, prompt_ids(tokens, saved.vocab), length, temperature, top_k, seed)
+    click.echo(render(tokens + [saved.vocab[i] for i in ids], level))
+
+
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     try:
-        cli.main(args=argv, prog_name="gpurnn", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="gpurnn", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
@@ -102,4 +229,4 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0

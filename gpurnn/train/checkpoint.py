@@ -33,11 +33,19 @@ def atomic_path(path):
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def check_writable(path):
+    """Refuse early a checkpoint path whose folder does not exist (rather than after hours of training)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a folder")
+
+
 def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
     """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable."""
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise CheckpointError(f"cannot write checkpoint {path}: folder {path.parent} does not exist")
+    check_writable(path)
     tmp = atomic_path(path)
     try:
         with h5py.File(tmp, "w") as f:

@@ -13,6 +13,8 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from ..errors import GpurnnError
 from .checkpoint import save_checkpoint
 from .evaluate import perplexity
@@ -79,7 +81,8 @@ class Trainer:
         """Train to `total_iters`; on SIGINT save a checkpoint and raise Interrupted."""
         previous = signal.signal(signal.SIGINT, self._request_stop)
         try:
-            self._loop()
+            with np.errstate(over="ignore", invalid="ignore"):  # caught as a non-finite loss instead
+                self._loop()
         finally:
             signal.signal(signal.SIGINT, previous)
         self.save()

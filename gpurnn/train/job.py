@@ -1,0 +1,120 @@
+"""A training job from user options: corpus, model, optimizer, stream, and resume from a checkpoint.
+
+The CLI calls `prepare_job` then `Trainer.run`; this module decides defaults and refuses options
+that contradict a checkpoint. With no corpus it trains on the embedded demo (the first 1,000 words
+of Penn Treebank) with the textbook's chapter-5 settings.
+"""
+
+import tomllib
+from pathlib import Path
+
+from ..data import BPTTStream, demo_corpus, open_corpus
+from ..errors import CheckpointError, DataError, SpecError
+from ..model import Model, preset_specs
+from .checkpoint import check_writable, load_checkpoint
+from .optim import make_optimizer
+from .trainer import TrainConfig, Trainer
+
+# The textbook's chapter-5 run on its 1,000-word sample: SimpleRnnlm D = H = 100, SGD lr 0.1.
+DEMO_DEFAULTS = {"batch_size": 10, "time_size": 5, "lr": 0.1, "epochs": 100, "optimizer": "sgd"}
+CORPUS_DEFAULTS = {"batch_size": 20, "time_size": 35, "lr": 0.1, "epochs": 1, "optimizer": "sgd"}
+# Options a resumed run may change; any other explicit option must match the checkpoint.
+RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every"}
+
+
+def load_model_config(path):
+    """Layer specs from a TOML file holding ``[[layers]]`` tables (``type`` plus options)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            layers = tomllib.load(f).get("layers")
+    except FileNotFoundError:
+        raise SpecError(f"model config {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"model config {path} is not valid TOML: {exc}") from None
+    if not isinstance(layers, list) or not layers:
+        raise SpecError(f"model config {path} needs a list of [[layers]] tables")
+    return layers
+
+
+def model_specs(model="simple-rnnlm", model_config=None, wordvec_size=None, hidden_size=None):
+    """The layer specs chosen by --model-config, or by --model with its sizes."""
+    if model_config:
+        return load_model_config(model_config)
+    sizes = {k: v for k, v in (("wordvec_size", wordvec_size), ("hidden_size", hidden_size)) if v is not None}
+    return preset_specs(model, **sizes)
+
+
+def corpus_source(path):
+    """The corpus at `path`, or the embedded demo corpus when `path` is None."""
+    return demo_corpus() if path is None else open_corpus(path)
+
+
+def optional_split(corpus, name):
+    try:
+        return corpus.split(name)
+    except DataError:
+        return None
+
+
+def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, checkpoint=None,
+                resume=False, on_log=None, on_step=None):
+    """A ready Trainer (restored when resuming) and the corpus it reads.
+
+    `options` maps TrainConfig fields to values, None meaning "default"; `explicit` names those the
+    user actually gave (only they can contradict a checkpoint).
+    """
+    if checkpoint:
+        check_writable(checkpoint)
+    corpus = corpus_source(corpus_path)
+    saved = None
+    if resume:
+        if not checkpoint:
+            raise CheckpointError("--resume needs --checkpoint PATH")
+        saved = load_checkpoint(checkpoint)
+        check_resume(saved, corpus, specs, options, explicit)
+        specs = saved.meta["specs"]
+        options = {**saved.meta["config"], **{k: v for k, v in options.items() if k in explicit}}
+    defaults = DEMO_DEFAULTS if corpus_path is None else CORPUS_DEFAULTS
+    chosen = {k: v for k, v in options.items() if v is not None}
+    config = TrainConfig(**{**defaults, **chosen})
+    train_ids = corpus.split("train")
+    stream = BPTTStream(train_ids, config.batch_size, config.time_size)
+    if "log_every" not in chosen:
+        config.log_every = min(stream.steps_per_epoch, 100)
+    model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed)
+    valid = optional_split(corpus, "valid")
+    trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
+                      valid_ids=None if valid is None or len(valid) < 2 else valid[:],
+                      checkpoint_path=checkpoint, vocab=list(corpus.vocab),
+                      extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
+                      on_log=on_log, on_step=on_step)
+    if saved is not None:
+        trainer.restore(saved)
+    return trainer, corpus
+
+
+def check_resume(saved, corpus, specs, options, explicit):
+    """Refuse a resume whose corpus or explicit options contradict the checkpoint."""
+    if list(corpus.vocab) != list(saved.vocab):
+        raise CheckpointError(f"the checkpoint's vocabulary ({len(saved.vocab)} tokens) does not match "
+                              f"the corpus's ({len(corpus.vocab)} tokens)")
+    if "specs" in explicit and specs != saved.meta["specs"]:
+        raise CheckpointError("the model options contradict the checkpoint's model; "
+                              "leave them out when resuming")
+    for name in sorted(explicit - RESUME_MAY_CHANGE - {"specs"}):
+        if name in saved.meta["config"] and options.get(name) != saved.meta["config"][name]:
+            raise CheckpointError(f"--{name.replace('_', '-')} {options.get(name)} contradicts the checkpoint "
+                                  f"({saved.meta['config'][name]}); leave it out when resuming")
+
+
+
+def model_from_checkpoint(saved, backend, registry):
+    """The model a checkpoint describes, with its parameters, in evaluation mode."""
+    meta = saved.meta
+    model = Model(meta["specs"], meta["vocab_size"], backend, registry)
+    for name, value in model.params.items():
+        if name not in saved.params or saved.params[name].shape != value.shape:
+            raise CheckpointError(f"{saved.path}: parameter {name!r} is missing or has the wrong shape")
+        value[...] = backend.asarray(saved.params[name], dtype=value.dtype)
+    return model.eval()
