@@ -1,17 +1,9 @@
 """Checkpoints as HDF5 files: everything needed to resume training exactly, and nothing executable.
 
-Layout (format ``gpurnn-checkpoint``, version 1)::
-
-    /                 attrs: format, format_version, gpurnn_version, meta (JSON, see below)
-    /params/<name>    one dataset per parameter, named as in Model.params ("rnn.Wh")
-    /optimizer/<key>  the optimizer's arrays (Adam: "m.<name>", "v.<name>")
-    /state/<name>     the hidden state carried by stateful layers ("rnn.h")
-    /vocab            the vocabulary, UTF-8 strings, id order
-
-``meta`` holds the model specs and vocabulary size, the corpus level, the training options, the
-trainer's counters (iteration, epoch, learning rate, best validation perplexity), the optimizer's
-scalar state, the stream's state and the random generators' states. The file is written under a
-temporary name in the same folder and renamed, so a checkpoint on disk is never half-written.
+The layout is documented in docs/checkpoint-format.md: /params, /optimizer and /state hold one
+dataset per array, /vocab the vocabulary, and a JSON `meta` attribute the model specs, options,
+counters and stream/generator state. The file is written under a temporary name in the same folder
+and renamed, so a checkpoint on disk is never half-written.
 """
 
 import json
