@@ -35,11 +35,17 @@ class Layer:
     Subclasses set `output_size` and register parameters with `add_param`; `params[name]` and
     `grads[name]` then exist with the same shape. Loss layers set `is_loss = True` and take
     `forward(x, t)`; layers that read token ids set `takes_ids = True`.
+
+    Weight tying: a layer that shares another layer's weight sets `tie_to` to that layer's name and
+    implements `tie(source)`, which the model calls once after building, and `add_tied_grads()`,
+    which the model calls after backward (when the source has written its own gradients). The shared
+    weight stays a parameter of the source only, so it is stored and updated once.
     """
 
     is_loss = False
     takes_ids = False
     stateful = False
+    tie_to = None
 
     def __init__(self, ctx):
         self.backend = ctx.backend
@@ -49,8 +55,8 @@ class Layer:
         self.training = True
 
     def add_param(self, name, host_value):
-        """Register a parameter from a host array; its gradient buffer starts at zero."""
-        value = self.backend.asarray(host_value, dtype=self.backend.dtype)
+        """Register a parameter from a host array (stored C-contiguous); its gradient starts at zero."""
+        value = self.xp.ascontiguousarray(self.backend.asarray(host_value, dtype=self.backend.dtype))
         self.params[name] = value
         self.grads[name] = self.xp.zeros_like(value)
         return value
