@@ -244,7 +244,8 @@ def check_model_gradients(model, blocks, tol=1e-5):
 
     The earlier blocks only set the carried state, which each evaluation restores, so the check sees
     truncated BPTT's gradient; the model's generator is rewound too, so a training-mode dropout mask
-    is the same in every evaluation (NumPy only, see `rewinder`). Returns {param name: relative error}; raises ConformanceError past `tol`.
+    is the same in every evaluation (NumPy only, see `rewinder`). Returns {param name: relative error};
+    raises ConformanceError past `tol`.
     """
     backend = model.backend
     model.reset_state()
