@@ -112,3 +112,14 @@ def test_rnnlm_preset_is_the_textbook_model(registry, rng):
     assert model.params["lstm.Wx"].shape == (100, 400) and model.params["lstm.Wh"].shape == (100, 400)
     xs, ts = rng.integers(0, 1000, (10, 5)), rng.integers(0, 1000, (10, 5))
     assert float(model.forward(xs, ts)) == pytest.approx(np.log(1000), rel=0.01)
+
+
+@pytest.mark.parametrize("layer_type", ["lstm", "gru"])
+def test_float32_backend_gives_float32(registry, layer_type):
+    from gpurnn.backend import get_backend
+    ctx = LayerContext(get_backend("numpy"), np.random.default_rng(0), 4, V)
+    layer = registry.build_layer({"type": layer_type, "hidden_size": 3}, ctx)
+    out = layer.forward(np.ones((2, 3, 4), np.float32))
+    dx = layer.backward(np.ones_like(out))
+    assert out.dtype == dx.dtype == np.float32
+    assert all(g.dtype == np.float32 for g in layer.grads.values())
