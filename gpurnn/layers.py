@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, array_module
 from .errors import SpecError
 
 
@@ -35,11 +35,17 @@ class Layer:
     Subclasses set `output_size` and register parameters with `add_param`; `params[name]` and
     `grads[name]` then exist with the same shape. Loss layers set `is_loss = True` and take
     `forward(x, t)`; layers that read token ids set `takes_ids = True`.
+
+    Weight tying: a layer that shares another layer's weight sets `tie_to` to that layer's name and
+    implements `tie(source)`, which the model calls once after building, and `add_tied_grads()`,
+    which the model calls after backward (when the source has written its own gradients). The shared
+    weight stays a parameter of the source only, so it is stored and updated once.
     """
 
     is_loss = False
     takes_ids = False
     stateful = False
+    tie_to = None
 
     def __init__(self, ctx):
         self.backend = ctx.backend
@@ -49,8 +55,8 @@ class Layer:
         self.training = True
 
     def add_param(self, name, host_value):
-        """Register a parameter from a host array; its gradient buffer starts at zero."""
-        value = self.backend.asarray(host_value, dtype=self.backend.dtype)
+        """Register a parameter from a host array (stored C-contiguous); its gradient starts at zero."""
+        value = self.xp.ascontiguousarray(self.backend.asarray(host_value, dtype=self.backend.dtype))
         self.params[name] = value
         self.grads[name] = self.xp.zeros_like(value)
         return value
@@ -60,6 +66,89 @@ class Layer:
 
     def backward(self, dout):
         raise NotImplementedError
+
+
+class RecurrentLayer(Layer):
+    """Base class for stateful time layers (rnn, lstm, gru): carried state and the shared GEMMs.
+
+    A subclass names its carried arrays in `state_names` and has `gates` blocks of H columns in
+    Wx (D, gates*H), Wh (H, gates*H) and b (gates*H,). `project` runs the one input GEMM over all T
+    steps before the recurrent loop; `weight_grads` runs the one GEMM per weight after the backward
+    loop. Arrays inside are time-major, (T, B, ...), so each step reads and writes contiguous rows.
+    Truncated BPTT: forward starts from the state the previous block left (zeros at first or after
+    `reset_state`); backward treats it as a constant.
+    """
+
+    stateful = True
+    state_names = ("h",)
+
+    def __init__(self, ctx, layer_type, gates, hidden_size, stateful, init_wx, init_wh):
+        super().__init__(ctx)
+        in_size = require_input_size(ctx, layer_type)
+        H = self.output_size = int(hidden_size)
+        self.add_param("Wx", init_matrix(ctx.rng, (in_size, gates * H), init_wx, in_size))
+        self.add_param("Wh", init_matrix(ctx.rng, (H, gates * H), init_wh, H))
+        self.add_param("b", np.zeros(gates * H))
+        self.carry = stateful
+        self.state = {}
+        self.cache = None
+
+    def reset_state(self):
+        self.state = {}
+
+    def get_state(self):
+        return dict(self.state)
+
+    def set_state(self, state):
+        self.state = {k: state[k] for k in self.state_names if k in state}
+
+    def initial_state(self, batch, dtype):
+        """The carried arrays in `state_names` order; zeros when none is carried for this batch size."""
+        if self.carry and self.state and self.state[self.state_names[0]].shape[0] == batch:
+            return [self.state[k] for k in self.state_names]
+        return [self.xp.zeros((batch, self.output_size), dtype) for _ in self.state_names]
+
+    def keep_state(self, *arrays):
+        """Carry copies of the last step's arrays (in `state_names` order) to the next block."""
+        if self.carry:
+            self.state = {k: a.copy() for k, a in zip(self.state_names, arrays)}
+
+    def project(self, xs):
+        """(x_tm, a): the inputs time-major as (T*B, D) rows, and x Wx + b for all steps, (T, B, gates*H)."""
+        B, T, D = xs.shape
+        x_tm = xs.transpose(1, 0, 2).reshape(T * B, D)
+        a = (x_tm @ self.params["Wx"]).reshape(T, B, -1)
+        a += self.params["b"]
+        return x_tm, a
+
+    def weight_grads(self, x_tm, h0, hs, d_in, d_hid=None):
+        """Write the gradients of Wx, b (from d_in) and Wh (from d_hid, default d_in); return dxs (B, T, D).
+
+        d_in (T, B, gates*H) is the gradient of the input projection, d_hid that of h_{t-1} Wh (they
+        differ only where a gate scales the recurrent term, as GRU's reset gate does); hs are the
+        outputs (T, B, H), so h_{t-1} is h0 at t = 0 and hs[t-1] after.
+        """
+        xp, g = self.xp, self.grads
+        d_hid = d_in if d_hid is None else d_hid
+        T, B, G = d_in.shape
+        H = hs.shape[2]
+        d_in2 = d_in.reshape(T * B, G)
+        xp.matmul(hs[:-1].reshape(-1, H).T, d_hid[1:].reshape(-1, G), out=g["Wh"])
+        g["Wh"] += h0.T @ d_hid[0]
+        xp.matmul(x_tm.T, d_in2, out=g["Wx"])
+        d_in2.sum(axis=0, out=g["b"])
+        dxs = d_in2 @ self.params["Wx"].T
+        return dxs.reshape(T, B, -1).transpose(1, 0, 2)
+
+
+def sigmoid(x, out):
+    """The logistic function written into `out` (may be `x`): 0.5 * (1 + tanh(x / 2)), stable for any x."""
+    xp = array_module(x)
+    xp.multiply(x, 0.5, out=out)
+    xp.tanh(out, out=out)
+    out += 1
+    out *= 0.5
+    return out
 
 
 def require_input_size(ctx, layer_type):

@@ -2,10 +2,13 @@
 
 A model is a list of layer specs whose last entry is a loss layer, e.g. the textbook's SimpleRnnlm:
 embedding -> rnn -> affine -> softmax_loss. Parameters and gradients are exposed by readable names
-(``rnn.Wh``); stateful layers carry their state between calls until `reset_state()`.
+(``rnn.Wh``); stateful layers carry their state between calls until `reset_state()`, each its own
+(a stack of recurrent layers carries one state per layer). A layer with ``tie_to`` shares the named
+layer's weight, which stays one parameter of that layer (see `Model.backward`).
 """
 
 import copy
+import inspect
 
 from .errors import SpecError
 from .layers import LayerContext
@@ -22,13 +25,45 @@ def simple_rnnlm(wordvec_size=100, hidden_size=100):
     ]
 
 
-PRESETS = {"simple-rnnlm": simple_rnnlm}
+def rnnlm(wordvec_size=100, hidden_size=100):
+    """The textbook's chapter-6 Rnnlm: embedding -> LSTM -> affine -> softmax loss."""
+    return [
+        {"type": "embedding", "size": wordvec_size},
+        {"type": "lstm", "hidden_size": hidden_size},
+        {"type": "affine"},
+        {"type": "softmax_loss"},
+    ]
+
+
+def better_rnnlm(wordvec_size=650, hidden_size=650, dropout=0.5):
+    """The textbook's BetterRnnlm (Zaremba et al.'s medium model with tied weights).
+
+    Two LSTMs with dropout before, between and after them; the output affine shares the embedding's
+    table, so wordvec_size must equal hidden_size.
+    """
+    return [
+        {"type": "embedding", "size": wordvec_size},
+        {"type": "dropout", "p": dropout},
+        {"type": "lstm", "hidden_size": hidden_size},
+        {"type": "dropout", "p": dropout},
+        {"type": "lstm", "hidden_size": hidden_size},
+        {"type": "dropout", "p": dropout},
+        {"type": "affine", "tie_to": "embedding"},
+        {"type": "softmax_loss"},
+    ]
+
+
+PRESETS = {"simple-rnnlm": simple_rnnlm, "rnnlm": rnnlm, "better-rnnlm": better_rnnlm}
 
 
 def preset_specs(name, **sizes):
     """The layer specs of preset `name`, with its size options (e.g. hidden_size=100)."""
     if name not in PRESETS:
         raise SpecError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    try:
+        inspect.signature(PRESETS[name]).bind(**sizes)
+    except TypeError as exc:
+        raise SpecError(f"model preset {name!r}: {exc}") from None
     return PRESETS[name](**sizes)
 
 
@@ -80,6 +115,22 @@ class Model:
         if not self.layers[0].takes_ids:
             raise SpecError(f"the first layer must read token ids (such as embedding), "
                             f"not {self.specs[0]['type']!r}")
+        self.tied = self._tie_layers()
+
+    def _tie_layers(self):
+        """Wire each layer with a `tie_to` to the layer it names; return the tied layers."""
+        by_name = dict(zip(self.names, self.layers))
+        tied = []
+        for name, layer in zip(self.names, self.layers):
+            target = getattr(layer, "tie_to", None)
+            if target is None:
+                continue
+            if target not in by_name or target == name:
+                raise SpecError(f"layer {name!r}: tie_to={target!r} names no other layer "
+                                f"(layers: {', '.join(self.names)})")
+            layer.tie(by_name[target])
+            tied.append(layer)
+        return tied
 
     @property
     def params(self):
@@ -103,9 +154,12 @@ class Model:
         return self.layers[-1].forward(self.predict(xs), ts)
 
     def backward(self, dout=1.0):
+        """Gradients of the last forward's loss into `grads`; a tied weight's is the sum of its uses."""
         d = dout
         for layer in reversed(self.layers):
             d = layer.backward(d)
+        for layer in self.tied:
+            layer.add_tied_grads()
         return d
 
     def stateful_layers(self):

@@ -7,6 +7,8 @@
 input's gradient against central differences, and for stateful layers the truncated-BPTT semantics
 (two blocks equal one long block, `reset_state` starts afresh, the gradient of a block treats the
 carried state as a constant). Where CuPy is usable it also checks that CuPy gives NumPy's numbers.
+Layers that sample while training (dropout) are checked in training mode with the generator rewound
+before every evaluation, so each sees the same mask and the check is that of the masked function.
 Failures raise `ConformanceError` (an AssertionError) saying what broke.
 """
 
@@ -43,6 +45,24 @@ def numerical_gradient(f, array, eps=EPS):
         flat[i] = old
         grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
     return grad
+
+
+def rewinder(generator):
+    """A function that puts `generator` back to its present state.
+
+    A gradient check evaluates the same function many times; rewinding the generator before each
+    evaluation gives every one the same random draws (the same dropout mask). Only NumPy generators
+    can be rewound (CuPy's state cannot be saved): for others this does nothing, so check models
+    with sampling layers on NumPy, or on CuPy in evaluation mode.
+    """
+    if not isinstance(generator, np.random.Generator):
+        return lambda: None
+    state = generator.bit_generator.state
+
+    def rewind():
+        generator.bit_generator.state = state
+
+    return rewind
 
 
 def _check(condition, message):
@@ -89,7 +109,7 @@ class _Probe:
 
 
 def build_checked_layer(registry, layer_type, options, backend, vocab_size, input_size, seed):
-    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size)
+    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size, backend.generator(seed))
     layer = registry.build_layer({"type": layer_type, **(options or {})}, ctx)
     if layer.is_loss:
         ctx.input_size = vocab_size
@@ -103,8 +123,10 @@ def gradient_errors(probe, x, state=None):
     gradient with the state held constant: truncated BPTT.
     """
     layer = probe.layer
+    rewind = rewinder(probe.ctx.generator)
 
     def f():
+        rewind()
         if state is not None:
             layer.set_state(state)
         return probe.scalar(x)
@@ -197,10 +219,15 @@ def check_stateful(probe, x1, x2):
 
 
 def check_cupy_parity(registry, layer_type, options, vocab_size, input_size, seed, np_probe, rtol=1e-6):
-    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients."""
+    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients.
+
+    Compared in evaluation mode: NumPy's and CuPy's generators draw different numbers, so what a
+    layer samples while training (a dropout mask) cannot match between them.
+    """
     gpu = get_backend("cupy", dtype="float64")
     gpu_probe = _Probe(*build_checked_layer(registry, layer_type, options, gpu, vocab_size, input_size, seed),
                        *np_probe.shape, seed)
+    np_probe.layer.training = gpu_probe.layer.training = False
     (outs_a, dx_a, grads_a), (outs_b, dx_b, grads_b) = run_blocks(np_probe), run_blocks(gpu_probe)
 
     def close(a, b):
@@ -216,7 +243,9 @@ def check_model_gradients(model, blocks, tol=1e-5):
     """Gradient check of a whole float64 model on the last of consecutive (xs, ts) blocks.
 
     The earlier blocks only set the carried state, which each evaluation restores, so the check sees
-    truncated BPTT's gradient. Returns {param name: relative error}; raises ConformanceError past `tol`.
+    truncated BPTT's gradient; the model's generator is rewound too, so a training-mode dropout mask
+    is the same in every evaluation (NumPy only, see `rewinder`). Returns {param name: relative error};
+    raises ConformanceError past `tol`.
     """
     backend = model.backend
     model.reset_state()
@@ -224,8 +253,10 @@ def check_model_gradients(model, blocks, tol=1e-5):
         model.forward(xs, ts)
     state = {k: v.copy() for k, v in model.get_state().items()}
     xs, ts = blocks[-1]
+    rewind = rewinder(model.generator)
 
     def f():
+        rewind()
         model.set_state(state)
         return model.forward(xs, ts)
 
