@@ -84,6 +84,52 @@ def plugins(ctx, as_json):
         click.echo(f"{r['type']:<{width}}  {r['plugin']:<{pwidth}}  {r['description']}")
 
 
+@cli.command()
+@click.argument("train", type=click.Path())
+@click.option("--valid", type=click.Path(), help="Validation text file.")
+@click.option("--test", type=click.Path(), help="Test text file.")
+@click.option("--output", "-o", type=click.Path(), required=True, help="The corpus file to write (.h5).")
+@click.option("--level", type=click.Choice(["word", "char"]), default="word", show_default=True,
+              help="word: whitespace-separated, <eos> at line ends; char: every character.")
+@click.option("--vocab-size", type=int, help="Keep at most this many tokens (the most frequent).")
+@click.option("--min-count", type=int, default=1, show_default=True,
+              help="Leave out words seen fewer times in TRAIN.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def prepare(train, valid, test, output, level, vocab_size, min_count, as_json):
+    """Tokenize text files into an HDF5 corpus file (vocabulary from TRAIN; unknown words -> <unk>)."""
+    from .data import open_corpus, prepare_corpus
+
+    prepare_corpus(train, output, valid=valid, test=test, level=level, vocab_size=vocab_size,
+                   min_count=min_count)
+    with open_corpus(output) as corpus:
+        report_corpus(corpus.describe(), as_json)
+
+
+@cli.command("corpus-info")
+@click.argument("corpus", type=click.Path())
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the most frequent tokens to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def corpus_info(corpus, top, as_json):
+    """Level, vocabulary size, tokens per split, the most frequent tokens and the sources' SHA-256."""
+    from .data import open_corpus
+
+    with open_corpus(corpus) as opened:
+        report_corpus(opened.describe(top=top), as_json)
+
+
+def report_corpus(report, as_json):
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"{report['path']}: {report['level']}-level corpus (format {report['format_version']})")
+    click.echo(f"  vocabulary: {report['vocab_size']} tokens; special: {' '.join(report['special_tokens'])}")
+    for name, count in report["tokens"].items():
+        source = report["sources"].get(name, {})
+        click.echo(f"  {name:>5}: {count:>12,} tokens  from {source.get('file')} "
+                   f"(sha256 {source.get('sha256')})")
+    frequent = ", ".join(f"{token!r} {count:,}" for token, count in report["most_frequent"])
+    click.echo(f"  most frequent: {frequent}")
 MODEL_OPTIONS = ("model", "model_config", "wordvec_size", "hidden_size")
 TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
                "seed", "eval_every", "save_every", "log_every")

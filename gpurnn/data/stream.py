@@ -1,0 +1,121 @@
+"""BPTTStream: ordered offset minibatches for truncated BPTT, the textbook trainer's batching.
+
+With N ids in the split, M = N - 1 input positions and jump = M // B, the batch at step k is
+
+    xs[b, j] = ids[p],  ts[b, j] = ids[p + 1],  p = (b * jump + k * T + j) % M
+
+so lane b reads the split in order from offset b * jump, wrapping to the start, and the hidden state of
+lane b carries meaningfully from one batch to the next. One epoch is M // (B * T) steps; k counts on
+across epochs. The state is the step count alone, so a stream resumed from `state_dict()` yields exactly
+the batches the uninterrupted one would have.
+
+Reading: each refill reads, for every lane, one contiguous block of many steps (two when the lane wraps)
+into (B, L) buffers, and the batches are column slices of them. An HDF5 split is read that way at
+constant memory; it is loaded whole only when small (or `in_memory=True`).
+"""
+
+import numpy as np
+
+from ..errors import DataError
+
+READ_AHEAD_IDS = 1 << 20  # ids per refill, over all lanes (4 MiB each for xs and ts)
+IN_MEMORY_IDS = 1 << 22  # splits up to this many ids (16 MiB) are loaded whole by default
+
+
+class BPTTStream:
+    """An endless iterator of `(xs, ts)` int32 arrays of shape (batch_size, time_size); see the module doc.
+
+    `split` is a corpus split (sliceable, with len) or a 1-D NumPy array of ids. `.iteration` counts the
+    batches given so far, `.epoch` the completed epochs, `.steps_per_epoch` the batches per epoch.
+    """
+
+    def __init__(self, split, batch_size, time_size, *, in_memory=None, name=None):
+        if isinstance(split, np.ndarray) and split.ndim != 1:
+            raise DataError(f"a split of ids must be 1-D, not of shape {split.shape}")
+        self.name = name or getattr(split, "name", None) or "array"
+        self.tokens = len(split)
+        self.batch_size = check_positive("batch size", batch_size)
+        self.time_size = check_positive("time size", time_size)
+        positions = self.tokens - 1
+        needed = self.batch_size * self.time_size + 1
+        if self.tokens < needed:
+            raise DataError(f"the {self.name} split has {self.tokens} tokens; batch size {batch_size} x "
+                            f"time size {time_size} needs at least {needed}")
+        self.jump = positions // self.batch_size
+        self.steps_per_epoch = positions // (self.batch_size * self.time_size)
+        self.iteration = 0
+        if in_memory is None:
+            in_memory = isinstance(split, np.ndarray) or self.tokens <= IN_MEMORY_IDS
+        self._ids = np.asarray(split[:], dtype=np.int32) if in_memory else split
+        # A lane's block never exceeds M ids, so it wraps at most once.
+        steps = max(1, READ_AHEAD_IDS // (self.batch_size * self.time_size))
+        self._block_steps = min(steps, positions // self.time_size)
+        self._xs = np.empty((self.batch_size, self._block_steps * self.time_size), dtype=np.int32)
+        self._ts = np.empty_like(self._xs)
+        self._block_start = None  # the step at which the buffered block begins
+
+    @property
+    def epoch(self):
+        return self.iteration // self.steps_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        k = self.iteration
+        if self._block_start is None or not 0 <= k - self._block_start < self._block_steps:
+            self._refill(k)
+        start = (k - self._block_start) * self.time_size
+        cols = slice(start, start + self.time_size)
+        self.iteration += 1
+        return self._xs[:, cols].copy(), self._ts[:, cols].copy()
+
+    def _refill(self, k):
+        """Read the block of `_block_steps` steps starting at step k into the lane buffers."""
+        positions = self.tokens - 1
+        length = self._xs.shape[1]
+        for b in range(self.batch_size):
+            p = (b * self.jump + k * self.time_size) % positions
+            first = min(length, positions - p)  # ids before the lane wraps to the start
+            self._read_lane(b, 0, p, first)
+            if first < length:
+                self._read_lane(b, first, 0, length - first)
+        self._block_start = k
+
+    def _read_lane(self, b, at, p, count):
+        """xs[b, at:at+count] = ids[p:p+count] and ts one id further, from one contiguous read."""
+        run = self._ids[p:p + count + 1]
+        self._xs[b, at:at + count] = run[:-1]
+        self._ts[b, at:at + count] = run[1:]
+
+    def state_dict(self):
+        """The stream's position and what it streams, as a small JSON-able dict."""
+        return {"split": self.name, "tokens": self.tokens, "batch_size": self.batch_size,
+                "time_size": self.time_size, "iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        """Continue from `state` (from `state_dict()` of a stream over the same split, B and T)."""
+        mine = self.state_dict()
+        try:
+            theirs = {key: state[key] for key in mine}
+            iteration = int(state["iteration"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"not a BPTTStream state: {state!r}") from None
+        del mine["iteration"], theirs["iteration"]
+        if theirs != mine:
+            raise DataError(f"the stream state is for {describe(theirs)}; this stream is {describe(mine)}")
+        if iteration < 0:
+            raise DataError(f"a stream state's iteration cannot be negative ({iteration})")
+        self.iteration = iteration
+        self._block_start = None
+
+
+def describe(state):
+    return (f"split {state['split']!r} ({state['tokens']} tokens), batch size {state['batch_size']}, "
+            f"time size {state['time_size']}")
+
+
+def check_positive(what, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"{what} must be a positive integer, not {value!r}")
+    return int(value)
