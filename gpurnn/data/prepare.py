@@ -18,7 +18,7 @@ from .corpus import FORMAT_NAME, FORMAT_VERSION, check_split_length, one_line
 from .text import SPECIAL_TOKENS, check_level, check_text_file, read_chunks, tokenize
 from .vocab import vocab_from_text
 
-HDF5_CHUNK_IDS = 1 << 16  # 256 KiB of int32 per HDF5 chunk: large sequential reads
+HDF5_CHUNK_IDS = 1 << 16  # 256 KiB of int32 per HDF5 chunk (large sequential reads), each checksummed
 
 
 def prepare_corpus(train, output, valid=None, test=None, level="word", vocab_size=None, min_count=1):
@@ -67,7 +67,8 @@ def write_split(file, name, path, vocab, level, counts=None):
     With `counts`, add each token's number of occurrences to it.
     """
     digest = hashlib.sha256()
-    ids = file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(HDF5_CHUNK_IDS,))
+    ids = file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(HDF5_CHUNK_IDS,),
+                              fletcher32=True)
     for tokens in tokenize(read_chunks(path, level, digest), level):
         batch = vocab.encode(tokens)
         end = ids.shape[0]

@@ -47,9 +47,9 @@ class BPTTStream:
         if in_memory is None:
             in_memory = isinstance(split, np.ndarray) or self.tokens <= IN_MEMORY_IDS
         self._ids = np.asarray(split[:], dtype=np.int32) if in_memory else split
-        # A lane's block never exceeds M ids, so it wraps at most once.
+        # A block spans at most one epoch: a lane then reads at most M // B ids, wrapping at most once.
         steps = max(1, READ_AHEAD_IDS // (self.batch_size * self.time_size))
-        self._block_steps = min(steps, positions // self.time_size)
+        self._block_steps = min(steps, self.steps_per_epoch)
         self._xs = np.empty((self.batch_size, self._block_steps * self.time_size), dtype=np.int32)
         self._ts = np.empty_like(self._xs)
         self._block_start = None  # the step at which the buffered block begins
