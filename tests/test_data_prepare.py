@@ -309,3 +309,16 @@ def test_corrupt_ids_are_caught_by_the_checksum(good_corpus):
     with open_corpus(bad) as corpus:
         with pytest.raises(DataError, match="cannot read the train split"):
             corpus.split("train")[:]
+
+
+def test_prepare_from_the_cli_char_level_json(tmp_path, capsys):
+    write(tmp_path / "t.txt", "abba\ncab\n")
+    code, out, err = run(capsys, "prepare", tmp_path / "t.txt", "-o", tmp_path / "c.h5", "--level", "char",
+                         "--vocab-size", "3", "--json")
+    report = json.loads(out)
+    assert code == 0 and err == "" and report["level"] == "char" and report["vocab_size"] == 3
+    assert report["tokens"] == {"train": 9} and report["most_frequent"][:2] == [["a", 3], ["b", 3]]
+    assert report["most_frequent"][2] == ["<unk>", 3]  # \n (2) and c (1) did not fit
+    code, out, _ = run(capsys, "prepare", tmp_path / "t.txt", "-o", tmp_path / "c.h5")
+    assert code == 0 and "word-level corpus" in out and "vocabulary: 4 tokens" in out
+    assert left_in(tmp_path) == ["c.h5", "t.txt"]

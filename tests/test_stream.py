@@ -137,7 +137,7 @@ def test_hdf5_split_streams_like_the_array(tmp_path, small_read_ahead, rng, in_m
         ids = split[:]
         stream = BPTTStream(split, 6, 7, in_memory=in_memory)
         assert stream.state_dict()["split"] == "train"
-        assert isinstance(stream._ids, np.ndarray) == (in_memory is not False)
+        assert stream.in_memory == (in_memory is not False)
         for k in range(2 * stream.steps_per_epoch + 3):
             xs, ts = next(stream)
             want_x, want_t = expected_batch(ids, 6, 7, k)

@@ -26,7 +26,8 @@ class BPTTStream:
     """An endless iterator of `(xs, ts)` int32 arrays of shape (batch_size, time_size); see the module doc.
 
     `split` is a corpus split (sliceable, with len) or a 1-D NumPy array of ids. `.iteration` counts the
-    batches given so far, `.epoch` the completed epochs, `.steps_per_epoch` the batches per epoch.
+    batches given so far, `.epoch` the completed epochs, `.steps_per_epoch` the batches per epoch;
+    `.in_memory` says whether the whole split is held in memory.
     """
 
     def __init__(self, split, batch_size, time_size, *, in_memory=None, name=None):
@@ -47,6 +48,7 @@ class BPTTStream:
         if in_memory is None:
             in_memory = isinstance(split, np.ndarray) or self.tokens <= IN_MEMORY_IDS
         self._ids = np.asarray(split[:], dtype=np.int32) if in_memory else split
+        self.in_memory = isinstance(self._ids, np.ndarray)
         # A block spans at most one epoch: a lane then reads at most M // B ids, wrapping at most once.
         steps = max(1, READ_AHEAD_IDS // (self.batch_size * self.time_size))
         self._block_steps = min(steps, self.steps_per_epoch)
