@@ -30,11 +30,6 @@ def choose_tokens(counts, specials, vocab_size=None, min_count=1):
     Words seen fewer than `min_count` times are left out; when `vocab_size` cuts the list, the rarest
     words make room for any special token that did not make it on frequency.
     """
-    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"vocab size must be at least {MIN_VOCAB_SIZE} "
-                        f"(the special tokens and one word), not {vocab_size}")
-    if min_count < 1:
-        raise DataError(f"min count must be at least 1, not {min_count}")
     limit = float("inf") if vocab_size is None else vocab_size
     ranked = sorted(counts, key=counts.__getitem__, reverse=True)  # stable: ties keep first appearance
     tokens, missing = [], list(specials)
@@ -105,5 +100,10 @@ class Vocab(Sequence):
 
 def vocab_from_text(chunks, level, vocab_size=None, min_count=1):
     """The vocabulary of a train text given as chunks (the count pass of preparing a corpus)."""
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"vocab size must be at least {MIN_VOCAB_SIZE} "
+                        f"(the special tokens and one word), not {vocab_size}")
+    if min_count < 1:
+        raise DataError(f"min count must be at least 1, not {min_count}")
     counts = count_tokens(tokenize(chunks, level))
     return Vocab(choose_tokens(counts, SPECIAL_TOKENS[level], vocab_size, min_count))
