@@ -7,22 +7,16 @@ and renamed, so a checkpoint on disk is never half-written.
 """
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import CheckpointError
 
 FORMAT = "gpurnn-checkpoint"
 FORMAT_VERSION = 1
-
-
-def atomic_path(path):
-    """A temporary name beside `path`: renaming it over `path` is atomic on one filesystem."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def check_writable(path):
@@ -38,21 +32,15 @@ def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
     """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable."""
     path = Path(path)
     check_writable(path)
-    tmp = atomic_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["meta"] = json.dumps(meta)
-            for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
-                g = f.create_group(group)
-                for name, value in arrays.items():
-                    g.create_dataset(name, data=np.asarray(value))
-            f.create_dataset("vocab", data=np.array(list(vocab), dtype=h5py.string_dtype("utf-8")))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["meta"] = json.dumps(meta)
+        for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
+            g = f.create_group(group)
+            for name, value in arrays.items():
+                g.create_dataset(name, data=np.asarray(value))
+        f.create_dataset("vocab", data=np.array(list(vocab), dtype=h5py.string_dtype("utf-8")))
 
 
 class Checkpoint:

@@ -5,11 +5,10 @@ starts rather than after hours of it.
 """
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..errors import GpurnnError
-from .checkpoint import atomic_path
 
 
 class MetricsLog:
@@ -60,7 +59,6 @@ def plot_perplexity(records, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = atomic_path(path).with_suffix(".png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
