@@ -8,6 +8,7 @@ remembering why. Nothing here imports CuPy until a backend asks for it.
 
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -75,6 +76,45 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+_POOL = None
+ROW_BLOCK = 32
+
+
+def cpu_threads():
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def for_row_blocks(array, fn, block=ROW_BLOCK):
+    """Call fn(lo, hi) over row ranges covering array's rows: cache-sized blocks on all CPU cores.
+
+    For wide per-row work such as a softmax over a 10,000-word vocabulary. On NumPy the rows go in
+    blocks that fit in a core's cache, so the several passes of a softmax read memory once, and the
+    blocks run on a thread pool (NumPy's loops release the GIL). Each block's work is independent, so
+    results do not depend on the scheduling. On CuPy one call covers all rows: the GPU is the parallel part.
+    """
+    global _POOL
+    n = array.shape[0]
+    if array_module(array) is not np:
+        fn(0, n)
+        return
+    threads = cpu_threads()
+    if threads == 1 or n <= block:
+        for lo in range(0, n, block):
+            fn(lo, min(lo + block, n))
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpurnn-rows")
+    step = -(-n // threads)  # each thread takes one contiguous share, in cache-sized blocks
+
+    def share(start):
+        for lo in range(start, min(start + step, n), block):
+            fn(lo, min(lo + block, n, start + step))
+
+    for future in [_POOL.submit(share, start) for start in range(0, n, step)]:
+        future.result()
 
 
 class Backend:
