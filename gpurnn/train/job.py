@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 from ..data import BPTTStream, demo_corpus, open_corpus
-from ..errors import CheckpointError, DataError, SpecError
+from ..errors import CheckpointError, SpecError
 from ..model import Model, preset_specs
 from .checkpoint import check_writable, load_checkpoint
 from .optim import make_optimizer
@@ -50,13 +50,6 @@ def corpus_source(path):
     return demo_corpus() if path is None else open_corpus(path)
 
 
-def optional_split(corpus, name):
-    try:
-        return corpus.split(name)
-    except DataError:
-        return None
-
-
 def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, checkpoint=None,
                 resume=False, on_log=None, on_step=None):
     """A ready Trainer (restored when resuming) and the corpus it reads.
@@ -83,9 +76,9 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
     if "log_every" not in chosen:
         config.log_every = min(stream.steps_per_epoch, 100)
     model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed)
-    valid = optional_split(corpus, "valid")
+    valid = corpus.split("valid")[:] if "valid" in corpus.splits else None
     trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
-                      valid_ids=None if valid is None or len(valid) < 2 else valid[:],
+                      valid_ids=valid if valid is not None and len(valid) > 1 else None,
                       checkpoint_path=checkpoint, vocab=list(corpus.vocab),
                       extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
                       on_log=on_log, on_step=on_step)
