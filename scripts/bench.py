@@ -2,39 +2,50 @@
 """Training-step and evaluation speed of gpurnn against PyTorch on the same model, in one run.
 
 For each configuration it times, after warm-up, a fixed number of training steps (forward, backward,
-gradient clipping, SGD update) and of forward-only evaluation steps, in tokens/s, on the NumPy and
+gradient-norm clipping, SGD update) and forward-only evaluation steps, in tokens/s, on the NumPy and
 (where usable) CuPy backends, and the same model in PyTorch when torch is importable (same B, T,
-sizes and thread count). Prints a table with gpurnn / PyTorch ratios; --json writes the figures with
-the machine's description.
+sizes, thread count). Each measurement runs in its own process, so its peak RSS is its own. Prints a
+table with the gpurnn / PyTorch ratios and the fraction of the machine's limit reached (the model's
+matmul FLOPs at the measured sgemm rate plus the softmax passes at the measured memory bandwidth);
+--json writes everything with the machine's description.
 
-    python scripts/bench.py                      # every config, all usable backends
-    python scripts/bench.py --quick --json out.json
+    python scripts/bench.py                          # all configs, all usable backends
+    python scripts/bench.py --configs small-rnn --quick --json out.json
 """
 
 import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 
 import numpy as np
 
-from gpurnn.backend import cpu_name, get_backend, probe_cupy
+from gpurnn.backend import cpu_name, cpu_threads, for_row_blocks, get_backend, probe_cupy
 from gpurnn.model import Model, preset_specs
 from gpurnn.registry import Registry
 from gpurnn.train.optim import SGD, clip_grads
 
+V, B, T = 10000, 20, 35
 CONFIGS = {
-    "small-rnn": dict(preset="simple-rnnlm", sizes=dict(wordvec_size=100, hidden_size=100),
-                      cell="rnn", D=100, H=100, V=10000, B=20, T=35),
+    "small-rnn": dict(preset="simple-rnnlm", cell="rnn", D=100, H=100, layers=1, dropout=0.0, tied=False),
+    "small-lstm": dict(preset="rnnlm", cell="lstm", D=100, H=100, layers=1, dropout=0.0, tied=False),
+    "medium-lstm": dict(preset="better-rnnlm", cell="lstm", D=650, H=650, layers=2, dropout=0.5, tied=True),
 }
+CLIP, LR = 0.25, 0.1
 
 
-def batches(cfg, count, seed=0):
+def preset_options(cfg):
+    sizes = {"wordvec_size": cfg["D"], "hidden_size": cfg["H"]}
+    return {**sizes, "dropout": cfg["dropout"]} if cfg["preset"] == "better-rnnlm" else sizes
+
+
+def batches(count, seed=0):
     rng = np.random.default_rng(seed)
-    shape = (cfg["B"], cfg["T"])
-    return [(rng.integers(0, cfg["V"], shape).astype(np.int32), rng.integers(0, cfg["V"], shape).astype(np.int32))
+    return [(rng.integers(0, V, (B, T)).astype(np.int32), rng.integers(0, V, (B, T)).astype(np.int32))
             for _ in range(count)]
 
 
@@ -50,130 +61,233 @@ def timed(fn, data, warmup, sync):
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
-def bench_gpurnn(cfg, backend_name, data, warmup):
+def run_gpurnn(cfg, backend_name, data, warmup):
     backend = get_backend(backend_name)
-    model = Model(preset_specs(cfg["preset"], **cfg["sizes"]), cfg["V"], backend, Registry(), seed=0)
-    opt = SGD(lr=0.1)
+    model = Model(preset_specs(cfg["preset"], **preset_options(cfg)), V, backend, Registry(), seed=0)
+    opt = SGD(lr=LR)
     device = [(backend.asarray(x), backend.asarray(t)) for x, t in data]
 
     def train_step(xs, ts):
         model.forward(xs, ts)
         model.backward()
-        clip_grads(model.grads, 0.25)
-        opt.step(model.params, model.grads)
-
-    def eval_step(xs, ts):
-        model.forward(xs, ts)
+        grads = model.grads
+        clip_grads(grads, CLIP)
+        opt.step(model.params, grads)
 
     model.train()
     train = timed(train_step, device, warmup, backend.synchronize)
     model.eval()
-    evaluate = timed(eval_step, device, warmup, backend.synchronize)
-    return {"train_s": train, "eval_s": evaluate, "device": backend.describe()["device"]}
+    evaluate = timed(model.forward, device, warmup, backend.synchronize)
+    result = {"train_s": train, "eval_s": evaluate, "device": backend.describe()["device"]}
+    if backend.is_gpu:
+        result["device_peak_bytes"] = backend.xp.get_default_memory_pool().total_bytes()
+    return result
 
 
-def bench_torch(cfg, device_name, data, warmup):
+def run_torch(cfg, device_name, data, warmup):
     import torch
     from torch import nn
 
     torch.manual_seed(0)
+    torch.set_num_threads(cpu_threads())
     device = torch.device(device_name)
 
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed = nn.Embedding(cfg["V"], cfg["D"])
-            self.rnn = {"rnn": nn.RNN, "lstm": nn.LSTM}[cfg["cell"]](cfg["D"], cfg["H"], batch_first=True)
-            self.out = nn.Linear(cfg["H"], cfg["V"])
+            cell = {"rnn": nn.RNN, "lstm": nn.LSTM}[cfg["cell"]]
+            self.embed = nn.Embedding(V, cfg["D"])
+            self.drop = nn.Dropout(cfg["dropout"])
+            self.rnn = cell(cfg["D"], cfg["H"], num_layers=cfg["layers"], batch_first=True,
+                            dropout=cfg["dropout"] if cfg["layers"] > 1 else 0.0)
+            self.out = nn.Linear(cfg["H"], V)
+            if cfg["tied"]:
+                self.out.weight = self.embed.weight
 
         def forward(self, xs, state):
-            hs, state = self.rnn(self.embed(xs), state)
-            return self.out(hs), state
+            hs, state = self.rnn(self.drop(self.embed(xs)), state)
+            return self.out(self.drop(hs)), state
 
     net = Net().to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
     tensors = [(torch.as_tensor(x, dtype=torch.long, device=device), torch.as_tensor(t, dtype=torch.long, device=device))
                for x, t in data]
-    state = [None]
+    carried = [None]
 
-    def detach(s):
-        return None if s is None else (tuple(x.detach() for x in s) if isinstance(s, tuple) else s.detach())
+    def detach(state):
+        if state is None:
+            return None
+        return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
     def train_step(xs, ts):
-        logits, s = net(xs, detach(state[0]))
-        state[0] = s
-        loss = loss_fn(logits.reshape(-1, cfg["V"]), ts.reshape(-1))
+        logits, state = net(xs, detach(carried[0]))
+        carried[0] = state
+        loss = nn.functional.cross_entropy(logits.reshape(-1, V), ts.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 0.25)
+        nn.utils.clip_grad_norm_(net.parameters(), CLIP)
         opt.step()
 
     def eval_step(xs, ts):
         with torch.no_grad():
-            logits, state[0] = net(xs, state[0])
-            loss_fn(logits.reshape(-1, cfg["V"]), ts.reshape(-1))
+            logits, carried[0] = net(xs, carried[0])
+            nn.functional.cross_entropy(logits.reshape(-1, V), ts.reshape(-1))
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    net.train()
     train = timed(train_step, tensors, warmup, sync)
+    net.eval()
     evaluate = timed(eval_step, tensors, warmup, sync)
-    return {"train_s": train, "eval_s": evaluate, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {"train_s": train, "eval_s": evaluate, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
 
 
-def torch_available():
+def measure_one(config, impl, iters, warmup):
+    """One measurement (run in a child process): its timings and its own peak RSS."""
+    cfg = CONFIGS[config]
+    data = batches(warmup + iters)
+    if impl.startswith("torch-"):
+        result = run_torch(cfg, impl.split("-", 1)[1], data, warmup)
+    else:
+        result = run_gpurnn(cfg, impl, data, warmup)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory: VmHWM where Linux has it (ru_maxrss would include the
+    parent's peak, which survives fork and exec), else ru_maxrss."""
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def in_child(config, impl, iters, warmup):
+    cmd = [sys.executable, __file__, "--one", config, impl, "--iters", str(iters), "--warmup", str(warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{config} on {impl} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def forward_flops_per_token(cfg):
+    """Matmul FLOPs of one token's forward pass: recurrent layers' two projections and the output affine."""
+    gates = {"rnn": 1, "lstm": 4}[cfg["cell"]]
+    flops, size = 0, cfg["D"]
+    for _ in range(cfg["layers"]):
+        flops += 2 * (size + cfg["H"]) * gates * cfg["H"]
+        size = cfg["H"]
+    return flops + 2 * cfg["H"] * V
+
+
+def machine_limits(seconds=1.0):
+    """Measured sgemm rate (FLOP/s, on the output affine's shape) and copy bandwidth (bytes/s, all cores)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((B * T, 256), dtype=np.float32)
+    w = rng.standard_normal((256, V), dtype=np.float32)
+    out = np.empty((B * T, V), np.float32)
+    gemm = rate(lambda: np.matmul(a, w, out=out), seconds)
+    src = rng.standard_normal((8192, 8192), dtype=np.float32)
+    dst = np.empty_like(src)
+
+    def copy():
+        for_row_blocks(src, lambda lo, hi: np.copyto(dst[lo:hi], src[lo:hi]), block=256)
+
+    copy_s = 1 / rate(copy, seconds)
+    return {"sgemm_flops": gemm * 2 * B * T * 256 * V, "bandwidth_bytes": 2 * src.nbytes / copy_s}
+
+
+def rate(fn, seconds):
+    """Calls per second of fn, over at least `seconds`."""
+    fn()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def limit_fraction(cfg, limits, seconds_per_token, passes, matmul_factor):
+    """Fraction of the machine's limit: ideal time (matmuls at sgemm rate + softmax passes at bandwidth) / measured."""
+    ideal = (matmul_factor * forward_flops_per_token(cfg) / limits["sgemm_flops"]
+             + passes * 4 * V / limits["bandwidth_bytes"])
+    return ideal / seconds_per_token
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
-    parser.add_argument("--iters", type=int, default=40, help="timed steps per measurement")
+    parser.add_argument("--iters", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test of the harness")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--one", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(*args.one, args.iters, args.warmup)))
+        return 0
     if args.quick:
-        args.iters, args.warmup = 10, 3
-    backends = ["numpy"] + (["cupy"] if probe_cupy()[0] is not None else [])
-    use_torch = torch_available() and not args.no_torch
-    if use_torch:
-        import torch
-        torch.set_num_threads(os.cpu_count())
-    machine = {"cpu": cpu_name(), "threads": os.cpu_count(), "python": platform.python_version(),
-               "numpy": np.__version__}
+        args.iters, args.warmup = 8, 2
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    gpu = probe_cupy()[0] is not None
+    use_torch = not args.no_torch and subprocess.run([sys.executable, "-c", "import torch"],
+                                                     capture_output=True).returncode == 0
+    limits = machine_limits()
+    machine = {"cpu": cpu_name(), "threads": cpu_threads(), "python": platform.python_version(),
+               "numpy": np.__version__, **limits}
+    print(f"machine: {machine['cpu']}, {machine['threads']} threads; sgemm {limits['sgemm_flops'] / 1e9:.0f} GFLOP/s, "
+          f"copy bandwidth {limits['bandwidth_bytes'] / 1e9:.1f} GB/s")
     rows = []
-    for name in args.configs.split(","):
-        cfg = CONFIGS[name]
-        data = batches(cfg, args.warmup + args.iters)
-        tokens = cfg["B"] * cfg["T"]
-        for backend in backends:
-            ours = bench_gpurnn(cfg, backend, data, args.warmup)
-            row = {"config": name, "backend": backend, "device": ours["device"],
-                   "train_tok_s": tokens / ours["train_s"], "eval_tok_s": tokens / ours["eval_s"]}
+    for config in configs:
+        cfg = CONFIGS[config]
+        for backend in ["numpy"] + (["cupy"] if gpu else []):
+            ours = in_child(config, backend, args.iters, args.warmup)
+            row = {"config": config, "backend": backend, "device": ours["device"],
+                   "train_tok_s": B * T / ours["train_s"], "eval_tok_s": B * T / ours["eval_s"],
+                   "peak_rss_mb": ours["peak_rss_bytes"] / 2**20}
+            if backend == "numpy":
+                row["train_limit_fraction"] = limit_fraction(cfg, limits, ours["train_s"] / (B * T), 4, 3)
+                row["eval_limit_fraction"] = limit_fraction(cfg, limits, ours["eval_s"] / (B * T), 2, 1)
+            if "device_peak_bytes" in ours:
+                row["device_peak_mb"] = ours["device_peak_bytes"] / 2**20
             if use_torch:
-                peer = bench_torch(cfg, "cuda" if backend == "cupy" else "cpu", data, args.warmup)
-                row.update(torch_train_tok_s=tokens / peer["train_s"], torch_eval_tok_s=tokens / peer["eval_s"],
-                           torch=peer["torch"], torch_threads=peer["threads"])
+                peer = in_child(config, "torch-cuda" if backend == "cupy" else "torch-cpu", args.iters, args.warmup)
+                row.update(torch=peer["torch"], torch_threads=peer["threads"],
+                           torch_train_tok_s=B * T / peer["train_s"], torch_eval_tok_s=B * T / peer["eval_s"],
+                           torch_peak_rss_mb=peer["peak_rss_bytes"] / 2**20)
+                if "device_peak_bytes" in peer:
+                    row["torch_device_peak_mb"] = peer["device_peak_bytes"] / 2**20
                 row["train_ratio"] = row["train_tok_s"] / row["torch_train_tok_s"]
                 row["eval_ratio"] = row["eval_tok_s"] / row["torch_eval_tok_s"]
             rows.append(row)
             print_row(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "iters": args.iters, "results": rows}, f, indent=2)
+            json.dump({"machine": machine, "batch": B, "time": T, "vocab": V, "iters": args.iters,
+                       "results": rows}, f, indent=2)
     return 0
 
 
 def print_row(row):
-    peer = (f"  torch {row['torch_train_tok_s']:>9,.0f} / {row['torch_eval_tok_s']:>9,.0f}"
-            f"  ratio train {row['train_ratio']:.2f}x eval {row['eval_ratio']:.2f}x") if "train_ratio" in row else ""
-    print(f"{row['config']:<12} {row['backend']:<6} train {row['train_tok_s']:>9,.0f} tok/s  "
-          f"eval {row['eval_tok_s']:>9,.0f} tok/s{peer}", flush=True)
+    line = (f"{row['config']:<12} {row['backend']:<6} train {row['train_tok_s']:>8,.0f} tok/s  "
+            f"eval {row['eval_tok_s']:>8,.0f} tok/s  rss {row['peak_rss_mb']:>6,.0f} MB")
+    if "train_limit_fraction" in row:
+        line += f"  limit {row['train_limit_fraction']:.0%}/{row['eval_limit_fraction']:.0%}"
+    if "train_ratio" in row:
+        line += (f" | torch {row['torch_train_tok_s']:>8,.0f} / {row['torch_eval_tok_s']:>8,.0f}"
+                 f"  ratio train {row['train_ratio']:.2f}x eval {row['eval_ratio']:.2f}x")
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

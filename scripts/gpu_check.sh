@@ -11,10 +11,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -m gpurnn --backend cupy info
 echo "== tests (CuPy parity included)"
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -n 15
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" | tail -n 15
 tests_rc=${PIPESTATUS[0]}
 echo "== train-step timing"
-timeout 120 python3 scripts/bench.py --quick --json "$out/bench.json"
+timeout 200 python3 scripts/bench.py --quick --json "$out/bench.json"
 bench_rc=$?
 echo "== summary: tests rc=$tests_rc bench rc=$bench_rc"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
