@@ -142,3 +142,40 @@ def test_sampling_is_reproducible_and_respects_top_k(registry, np64):
     assert render(list("hi\n"), "char") == "hi\n"
     with pytest.raises(GpurnnError, match="temperature"):
         sample(model, ids, 3, temperature=0)
+
+
+class FakeTerminal:
+    """A text stream that says it is a terminal, for the progress bar."""
+
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_on_a_terminal_and_lines_otherwise():
+    from gpurnn.progress import TrainingProgress
+    record = {"iteration": 10, "epoch": 0.5, "lr": 0.1, "train_perplexity": 123.4, "tokens_per_second": 5000.0}
+    term = FakeTerminal(True)
+    bar = TrainingProgress(20, out=term)
+    bar.on_log(record)
+    bar.on_step(10, 20)
+    assert "\r[###############" in term.text and "10/20" in term.text and "ppl 123.40" in term.text
+    assert "ETA" in term.text
+    bar.on_log({**record, "valid_perplexity": 99.0})
+    assert "valid ppl 99.00" in term.text
+    plain = FakeTerminal(False)
+    lines = TrainingProgress(20, out=plain)
+    lines.on_step(10, 20)
+    lines.on_log(record)
+    assert plain.text.count("\n") == 1 and "\r" not in plain.text and "train ppl    123.40" in plain.text
+    quiet = FakeTerminal(True)
+    TrainingProgress(20, quiet=True, out=quiet).on_log(record)
+    assert quiet.text == ""
