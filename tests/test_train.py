@@ -115,8 +115,13 @@ def test_resume_refuses_contradicting_options(capsys, tmp_path):
     assert code == 2 and "contradict the checkpoint's model" in err
     code, _, err = run(capsys, *base, "--resume", "--batch-size", "4", "--max-iters", "5")
     assert code == 2 and "--batch-size 4 contradicts the checkpoint (10)" in err
+    code, _, err = run(capsys, *base, "--resume", "--optimizer", "adam", "--max-iters", "5")
+    assert code == 2 and "--optimizer adam contradicts the checkpoint (sgd)" in err
     assert run(capsys, *base, "--resume", "--max-iters", "5")[0] == 0
     assert load_checkpoint(ck).meta["trainer"]["iteration"] == 5
+    assert load_checkpoint(ck).meta["trainer"]["lr"] == 0.1
+    assert run(capsys, *base, "--resume", "--max-iters", "6", "--lr", "0.025")[0] == 0  # a new rate from here on
+    assert load_checkpoint(ck).meta["trainer"]["lr"] == 0.025
 
 
 def test_model_config_toml_with_a_plugin_layer(capsys, tmp_path):

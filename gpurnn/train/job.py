@@ -18,8 +18,9 @@ from .trainer import TrainConfig, Trainer
 # The textbook's chapter-5 run on its 1,000-word sample: SimpleRnnlm D = H = 100, SGD lr 0.1.
 DEMO_DEFAULTS = {"batch_size": 10, "time_size": 5, "lr": 0.1, "epochs": 100, "optimizer": "sgd"}
 CORPUS_DEFAULTS = {"batch_size": 20, "time_size": 35, "lr": 0.1, "epochs": 1, "optimizer": "sgd"}
-# Options a resumed run may change; any other explicit option must match the checkpoint.
-RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every"}
+# Options a resumed run may change (how long, how often, and the schedule from here on: a given --lr
+# replaces the checkpoint's current, possibly decayed, rate); any other explicit option must match.
+RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip"}
 
 
 def load_model_config(path):
@@ -84,6 +85,8 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
                       on_log=on_log, on_step=on_step)
     if saved is not None:
         trainer.restore(saved)
+        if "lr" in explicit:
+            trainer.optimizer.lr = config.lr
     return trainer, corpus
 
 
