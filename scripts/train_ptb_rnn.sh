@@ -20,9 +20,9 @@ train() {  # train EPOCHS LR: continue (or start) the run up to EPOCHS epochs at
         --checkpoint "$run/checkpoint.h5" --save-every 200 --metrics "$run/metrics.jsonl" \
         --epochs "$1" --lr "$2" $resume
 }
-train 10 1e-3
-train 14 2.5e-4
-train 17 6.25e-5
+train 12 1e-3
+train 17 2.5e-4
+train 21 6.25e-5
 for split in valid test; do
     gpurnn --backend numpy eval "$run/checkpoint.h5" "$run/ptb.h5" --split "$split" --batch-size 1 --json
 done
