@@ -232,3 +232,14 @@ def test_resume_with_dropout_is_bit_identical(capsys, tmp_path, small_corpus):
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
     assert a.meta["generator"] == b.meta["generator"]
+
+
+@pytest.mark.parametrize("model", ["rnnlm", "better-rnnlm"])
+def test_chapter6_presets_train_from_the_cli(capsys, tmp_path, model):
+    ck = tmp_path / "ck.h5"
+    code, out, err = run(capsys, "--backend", "numpy", "train", "--quiet", "--model", model, "--wordvec-size", "16",
+                         "--hidden-size", "16", "--max-iters", "20", "--checkpoint", str(ck))
+    assert code == 0, err
+    saved = load_checkpoint(ck)
+    assert any(k.startswith("lstm") for k in saved.state)
+    assert float(out.split("train_perplexity ")[1]) < 418  # better than uniform over the demo's vocabulary
