@@ -189,7 +189,7 @@ def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoin
         cfg = trainer.config
         click.echo(f"training {' -> '.join(s['type'] for s in trainer.model.specs)} on "
                    f"{corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}): "
-                   f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={cfg.lr} "
+                   f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g} "
                    f"iterations {trainer.iteration}..{trainer.total_iters}", err=True)
     try:
         trainer.run()
