@@ -220,13 +220,11 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
     from .data import open_corpus
     from .train.checkpoint import load_checkpoint
     from .train.evaluate import perplexity
-    from .train.job import model_from_checkpoint
+    from .train.job import check_vocab, model_from_checkpoint
 
     saved = load_checkpoint(checkpoint)
     data = open_corpus(corpus)
-    if list(data.vocab) != list(saved.vocab):
-        raise GpurnnError(f"the checkpoint's vocabulary ({len(saved.vocab)} tokens) does not match "
-                          f"{corpus}'s ({len(data.vocab)} tokens)")
+    check_vocab(saved, data)
     model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
     ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size)
     if as_json:
@@ -245,16 +243,16 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
 @click.pass_context
 def generate(ctx, checkpoint, prompt, length, temperature, top_k, seed):
     """Sample text from a trained CHECKPOINT."""
+    from .data import Vocab
     from .train.checkpoint import load_checkpoint
-    from .train.generate import prompt_ids, render, sample, tokenize
+    from .train.generate import generate_text
     from .train.job import model_from_checkpoint
 
     saved = load_checkpoint(checkpoint)
-    level = saved.meta.get("level", "word")
     model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
-    tokens = tokenize(prompt, level)
-    ids = sample(model, prompt_ids(tokens, saved.vocab), length, temperature, top_k, seed)
-    click.echo(render(tokens + [saved.vocab[i] for i in ids], level))
+    text = generate_text(model, Vocab(saved.vocab), saved.meta.get("level", "word"), prompt, length,
+                         temperature, top_k, seed)
+    click.echo(text)
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ from gpurnn.errors import CheckpointError, GpurnnError
 from gpurnn.model import Model, preset_specs
 from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
 from gpurnn.train.evaluate import IGNORE, eval_batches, perplexity
-from gpurnn.train.generate import prompt_ids, render, sample
+from gpurnn.train.generate import generate_text, prompt_ids, prompt_tokens, sample
 from gpurnn.train.optim import Adam, SGD, clip_grads, make_optimizer
 
 
@@ -130,16 +130,18 @@ def test_perplexity_leaves_training_state_alone(registry, np64):
 
 
 def test_sampling_is_reproducible_and_respects_top_k(registry, np64):
-    vocab = ["a", "b", "c", "<eos>", "<unk>"]
+    from gpurnn.data import Vocab
+    vocab = Vocab(["a", "b", "c", "<eos>", "<unk>"])
     model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
-    ids = prompt_ids(["a", "zzz"], vocab)
-    assert ids == [0, 4]
+    assert prompt_ids(vocab, prompt_tokens("a zzz\nb", "word")) == [0, 4, 3, 1]
+    assert prompt_ids(vocab, []) == [3]  # an empty prompt starts as after a sentence end
+    ids = [0, 4]
     first = sample(model, ids, 30, seed=7)
     assert first == sample(model, ids, 30, seed=7)
     assert first != sample(model, ids, 30, seed=8)
     assert sample(model, ids, 30, top_k=1, seed=1) == sample(model, ids, 30, top_k=1, seed=2)  # greedy
-    assert render(["a", "x", "<eos>", "b", "<eos>", "c"], "word") == "a x\nb\nc"
-    assert render(list("hi\n"), "char") == "hi\n"
+    text = generate_text(model, vocab, "word", "a b", length=5, seed=3)
+    assert text.startswith("a b") and len(text.split()) >= 3
     with pytest.raises(GpurnnError, match="temperature"):
         sample(model, ids, 3, temperature=0)
 

@@ -1,45 +1,32 @@
 """Sampling text from a trained model: a prompt, then one token at a time from the softmax.
 
 Sampling draws from a NumPy generator seeded by the caller, on the host, so the same seed gives the
-same text on either backend's numbers (up to their floating-point differences).
+same text. Prompts are tokenized, and samples turned back into text, by the data package's rules.
 """
 
 import numpy as np
 
+from ..data.text import EOS, detokenize, string_chunks, tokenize
 from ..errors import GpurnnError
 
-EOS = "<eos>"
-UNK = "<unk>"
+
+def prompt_tokens(text, level):
+    """The prompt's tokens at `level` (words, with <eos> for line breaks, or characters)."""
+    return [token for batch in tokenize(string_chunks(text, level), level) for token in batch]
 
 
-def tokenize(text, level):
-    """Prompt text -> tokens: whitespace-separated words, or characters."""
-    return list(text) if level == "char" else text.split()
+def prompt_ids(vocab, tokens):
+    """Ids of the prompt's tokens (unknown ones as <unk>); an empty prompt starts as after a sentence."""
+    if tokens:
+        return [int(i) for i in vocab.encode(tokens)]
+    return [vocab.index.get(EOS, 0)]
 
 
-def render(tokens, level):
-    """Tokens -> text: characters joined as they are; words joined by spaces, <eos> as a line break."""
-    if level == "char":
-        return "".join(tokens)
-    lines, words = [], []
-    for token in tokens:
-        if token == EOS:
-            lines.append(" ".join(words) + "\n")
-            words = []
-        else:
-            words.append(token)
-    return "".join(lines) + " ".join(words)
-
-
-def prompt_ids(tokens, vocab):
-    """Token ids for a prompt; unknown tokens become <unk>, or an error naming them if there is none."""
-    index = {token: i for i, token in enumerate(vocab)}
-    unknown = [t for t in tokens if t not in index]
-    if unknown and UNK not in index:
-        raise GpurnnError(f"prompt tokens not in the vocabulary: {' '.join(unknown[:10])}")
-    if not tokens:
-        tokens = [EOS if EOS in index else vocab[0]]
-    return [index.get(t, index.get(UNK)) for t in tokens]
+def generate_text(model, vocab, level, prompt="", length=50, temperature=1.0, top_k=None, seed=0):
+    """The prompt followed by `length` sampled tokens, as text."""
+    tokens = prompt_tokens(prompt, level)
+    ids = sample(model, prompt_ids(vocab, tokens), length, temperature, top_k, seed)
+    return detokenize(tokens + vocab.decode(ids), level)
 
 
 def sample(model, ids, length, temperature=1.0, top_k=None, seed=0):

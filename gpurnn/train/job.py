@@ -90,11 +90,16 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
     return trainer, corpus
 
 
-def check_resume(saved, corpus, specs, options, explicit):
-    """Refuse a resume whose corpus or explicit options contradict the checkpoint."""
+def check_vocab(saved, corpus):
+    """Refuse a corpus whose vocabulary is not the checkpoint's (the ids would mean other tokens)."""
     if list(corpus.vocab) != list(saved.vocab):
         raise CheckpointError(f"the checkpoint's vocabulary ({len(saved.vocab)} tokens) does not match "
                               f"the corpus's ({len(corpus.vocab)} tokens)")
+
+
+def check_resume(saved, corpus, specs, options, explicit):
+    """Refuse a resume whose corpus or explicit options contradict the checkpoint."""
+    check_vocab(saved, corpus)
     if "specs" in explicit and specs != saved.meta["specs"]:
         raise CheckpointError("the model options contradict the checkpoint's model; "
                               "leave them out when resuming")
