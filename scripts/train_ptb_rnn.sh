@@ -17,7 +17,7 @@ start="--lr 1e-3"
 [ -f "$run/checkpoint.h5" ] && start="--resume"
 gpurnn --backend numpy train "$run/ptb.h5" --model-config "$repo/scripts/ptb_rnn.toml" \
     --optimizer adam --clip 0.5 --lr-decay 0.25 --batch-size 20 --time-size 35 --eval-every 1327 \
-    --epochs 21 --checkpoint "$run/checkpoint.h5" --save-every 200 --metrics "$run/metrics.jsonl" $start
+    --epochs 16 --checkpoint "$run/checkpoint.h5" --save-every 200 --metrics "$run/metrics.jsonl" $start
 for split in valid test; do
     gpurnn --backend numpy eval "$run/checkpoint.h5" "$run/ptb.h5" --split "$split" --batch-size 1 --json
 done
