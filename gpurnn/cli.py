@@ -198,8 +198,9 @@ def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoin
         click.echo(f"{exc}; checkpoint saved to {checkpoint}" if checkpoint else str(exc), err=True)
         ctx.exit(130)
     finally:
-        if plot and log.history():
-            plot_perplexity(log.history(), plot)
+        history = log.history() if plot else []
+        if history:
+            plot_perplexity(history, plot)
     progress.close()
     last = log.records[-1] if log.records else {}
     summary = {k: last[k] for k in ("iteration", "epoch", "train_perplexity", "valid_perplexity") if k in last}
