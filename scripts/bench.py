@@ -13,6 +13,7 @@ matmul FLOPs at the measured sgemm rate plus the softmax passes at the measured 
     python scripts/bench.py --configs small-rnn --quick --json out.json
 """
 
+import gpurnn  # noqa: F401  first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
 import argparse
 import json
 import os
@@ -170,6 +171,7 @@ def peak_rss_bytes():
 
 
 def in_child(config, impl, iters, warmup):
+    """One measurement in a fresh process (which inherits gpurnn's OpenBLAS setting; PyTorch uses MKL)."""
     cmd = [sys.executable, __file__, "--one", config, impl, "--iters", str(iters), "--warmup", str(warmup)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:

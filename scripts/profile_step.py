@@ -6,6 +6,7 @@ Uses scripts/bench.py's configurations and data; run it on a quiet machine.
     python scripts/profile_step.py --config small-rnn --backend numpy
 """
 
+import gpurnn  # noqa: F401  first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
 import argparse
 import sys
 import time
