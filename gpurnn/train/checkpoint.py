@@ -72,3 +72,12 @@ def load_checkpoint(path):
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable gpurnn checkpoint ({exc})") from exc
     return Checkpoint(path, *groups, vocab, meta)
+
+
+def restore_params(params, checkpoint, backend):
+    """Copy a checkpoint's parameters into `params` ({name: array}) in place, checking names and shapes."""
+    for name, value in params.items():
+        saved = checkpoint.params.get(name)
+        if saved is None or saved.shape != value.shape:
+            raise CheckpointError(f"{checkpoint.path}: parameter {name!r} is missing or has the wrong shape")
+        value[...] = backend.asarray(saved, dtype=value.dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..data import BPTTStream, demo_corpus, open_corpus
 from ..errors import CheckpointError, SpecError
 from ..model import Model, preset_specs
-from .checkpoint import check_writable, load_checkpoint
+from .checkpoint import check_writable, load_checkpoint, restore_params
 from .optim import make_optimizer
 from .trainer import TrainConfig, Trainer
 
@@ -109,13 +109,9 @@ def check_resume(saved, corpus, specs, options, explicit):
                                   f"({saved.meta['config'][name]}); leave it out when resuming")
 
 
-
 def model_from_checkpoint(saved, backend, registry):
     """The model a checkpoint describes, with its parameters, in evaluation mode."""
     meta = saved.meta
     model = Model(meta["specs"], meta["vocab_size"], backend, registry)
-    for name, value in model.params.items():
-        if name not in saved.params or saved.params[name].shape != value.shape:
-            raise CheckpointError(f"{saved.path}: parameter {name!r} is missing or has the wrong shape")
-        value[...] = backend.asarray(saved.params[name], dtype=value.dtype)
+    restore_params(model.params, saved, backend)
     return model.eval()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import GpurnnError
-from .checkpoint import save_checkpoint
+from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity
 from .optim import clip_grads
 
@@ -112,11 +112,10 @@ class Trainer:
             save = bool(cfg.save_every and i % cfg.save_every == 0)
             if i % cfg.log_every == 0 or evaluate or save or i == total or self._stop_requested:
                 self._log(evaluate)
-            if save:
+            if save or self._stop_requested:
                 self.save()
             self.on_step(i, total)
             if self._stop_requested:
-                self.save()
                 raise Interrupted(f"interrupted at iteration {i}")
 
     def _log(self, evaluate):
@@ -181,8 +180,7 @@ class Trainer:
     def restore(self, checkpoint):
         """Continue from a loaded Checkpoint made by `save` for this same model and stream."""
         backend, model, meta = self.model.backend, self.model, checkpoint.meta
-        for name, value in model.params.items():
-            value[...] = backend.asarray(checkpoint.params[name], dtype=value.dtype)
+        restore_params(model.params, checkpoint, backend)
         self.optimizer.load_state_dict({**meta["optimizer_scalars"],
                                         **{k: backend.asarray(v) for k, v in checkpoint.optimizer_arrays.items()}})
         self.optimizer.lr = meta["trainer"]["lr"]
