@@ -4,10 +4,16 @@ Weight tying (Press & Wolf 2017, Inan et al. 2017): with ``tie_to="embedding"`` 
 weight of its own and uses that layer's (V, D) table transposed. The model wires it (`tie`) and,
 after backward, adds this use's gradient to the table's (`add_tied_grads`), so the shared weight is
 one parameter with the sum of both uses as its gradient.
+
+Speed: an untied affine keeps W and b as one (D+1, O) array, W its first D rows and b its last (the
+parameters `W` and `b` are views of it), and appends a column of ones to x, so [x 1] @ [W; b] adds the
+bias inside the GEMM and [x 1]^T @ dout gives dW and db in one GEMM: no pass of its own over the
+B*T x O output, which is the model's largest array. A tied affine adds its bias in threaded row blocks.
 """
 
 import numpy as np
 
+from gpurnn.backend import for_row_blocks
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, column_sums, init_matrix, require_input_size
@@ -24,8 +30,13 @@ class TimeAffine(Layer):
         self.source = None
         self.tied_grad = None
         if tie_to is None:
-            self.add_param("W", init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size))
-        self.add_param("b", np.zeros(self.output_size))
+            W = init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size)
+            self.Wb = self.add_param("Wb", np.vstack([W, np.zeros((1, self.output_size))]))
+            self.dWb = self.grads["Wb"]
+            self.params = {"W": self.Wb[:-1], "b": self.Wb[-1]}
+            self.grads = {"W": self.dWb[:-1], "b": self.dWb[-1]}
+        else:
+            self.add_param("b", np.zeros(self.output_size))
         self.x2d = None
 
     def tie(self, source):
@@ -48,20 +59,32 @@ class TimeAffine(Layer):
         return self.params["W"]
 
     def forward(self, x):
-        """All B*T rows in one GEMM."""
-        self.x2d = x.reshape(-1, x.shape[-1])
-        out = self.x2d @ self.W
-        out += self.params["b"]
+        """All B*T rows in one GEMM (untied: [x 1] @ [W; b])."""
+        x2d = x.reshape(-1, x.shape[-1])
+        if self.source is None:
+            self.x2d = self.xp.empty((x2d.shape[0], self.in_size + 1), x2d.dtype)
+            self.x2d[:, :-1] = x2d
+            self.x2d[:, -1] = 1
+            out = self.x2d @ self.Wb
+        else:
+            self.x2d = x2d
+            out = x2d @ self.W
+            b = self.params["b"]
+
+            def add_bias(lo, hi):
+                out[lo:hi] += b
+
+            for_row_blocks(out, add_bias)
         return out.reshape(*x.shape[:-1], self.output_size)
 
     def backward(self, dout):
         xp = self.xp
         d2d = dout.reshape(-1, self.output_size)
         if self.source is None:
-            xp.matmul(self.x2d.T, d2d, out=self.grads["W"])
+            xp.matmul(self.x2d.T, d2d, out=self.dWb)  # dW and db (the ones column's row)
         else:
             xp.matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout
-        column_sums(d2d, self.grads["b"])
+            column_sums(d2d, self.grads["b"])
         dx = d2d @ self.W.T
         return dx.reshape(*dout.shape[:-1], dx.shape[-1])
 
