@@ -4,8 +4,10 @@
 For each configuration it times, after warm-up, a fixed number of training steps (forward, backward,
 gradient-norm clipping, SGD update) and forward-only evaluation steps, in tokens/s, on the NumPy and
 (where usable) CuPy backends, and the same model in PyTorch when torch is importable (same B, T,
-sizes, thread count). Each measurement runs in its own process, so its peak RSS is its own. Prints a
-table with the gpurnn / PyTorch ratios and the fraction of the machine's limit reached (the model's
+sizes, thread count). Each measurement runs in its own process, so its peak RSS is its own; gpurnn
+and the peer are measured in back-to-back pairs, --repeat times, and each ratio is the median of the
+pairs' ratios (a shared VM's speed drifts by tens of percent between minutes). Prints a
+table with the gpurnn / PyTorch ratios (and their range over the pairs) and the fraction of the machine's limit reached (the model's
 matmul FLOPs at the measured sgemm rate plus the softmax passes at the measured memory bandwidth);
 --json writes everything with the machine's description.
 
@@ -22,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 
 import numpy as np
 
@@ -227,6 +230,7 @@ def main():
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--iters", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="back-to-back gpurnn/peer pairs per config")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test of the harness")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
@@ -236,7 +240,7 @@ def main():
         print(json.dumps(measure_one(*args.one, args.iters, args.warmup)))
         return 0
     if args.quick:
-        args.iters, args.warmup = 8, 2
+        args.iters, args.warmup, args.repeat = 8, 2, 1
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -253,24 +257,8 @@ def main():
     for config in configs:
         cfg = CONFIGS[config]
         for backend in ["numpy"] + (["cupy"] if gpu else []):
-            ours = in_child(config, backend, args.iters, args.warmup)
-            row = {"config": config, "backend": backend, "device": ours["device"],
-                   "train_tok_s": B * T / ours["train_s"], "eval_tok_s": B * T / ours["eval_s"],
-                   "peak_rss_mb": ours["peak_rss_bytes"] / 2**20}
-            if backend == "numpy":
-                row["train_limit_fraction"] = limit_fraction(cfg, limits, ours["train_s"] / (B * T), 4, 3)
-                row["eval_limit_fraction"] = limit_fraction(cfg, limits, ours["eval_s"] / (B * T), 2, 1)
-            if "device_peak_bytes" in ours:
-                row["device_peak_mb"] = ours["device_peak_bytes"] / 2**20
-            if use_torch:
-                peer = in_child(config, "torch-cuda" if backend == "cupy" else "torch-cpu", args.iters, args.warmup)
-                row.update(torch=peer["torch"], torch_threads=peer["threads"],
-                           torch_train_tok_s=B * T / peer["train_s"], torch_eval_tok_s=B * T / peer["eval_s"],
-                           torch_peak_rss_mb=peer["peak_rss_bytes"] / 2**20)
-                if "device_peak_bytes" in peer:
-                    row["torch_device_peak_mb"] = peer["device_peak_bytes"] / 2**20
-                row["train_ratio"] = row["train_tok_s"] / row["torch_train_tok_s"]
-                row["eval_ratio"] = row["eval_tok_s"] / row["torch_eval_tok_s"]
+            peer_impl = ("torch-cuda" if backend == "cupy" else "torch-cpu") if use_torch else None
+            row = measure_pair(cfg, config, backend, peer_impl, limits, args)
             rows.append(row)
             print_row(row)
     if args.json:
@@ -280,14 +268,49 @@ def main():
     return 0
 
 
+def measure_pair(cfg, config, backend, peer_impl, limits, args):
+    """`args.repeat` back-to-back pairs (gpurnn, then the peer): each rate is the median over the
+    repeats, each ratio the median of the pairs' ratios (a pair shares the machine's state of the
+    moment, which on a shared VM drifts by tens of percent), with the pairs' range beside it."""
+    ours, peer = [], []
+    for _ in range(args.repeat):
+        ours.append(in_child(config, backend, args.iters, args.warmup))
+        if peer_impl:
+            peer.append(in_child(config, peer_impl, args.iters, args.warmup))
+    row = {"config": config, "backend": backend, "device": ours[0]["device"], "repeats": args.repeat,
+           "train_tok_s": median(B * T / o["train_s"] for o in ours),
+           "eval_tok_s": median(B * T / o["eval_s"] for o in ours),
+           "peak_rss_mb": max(o["peak_rss_bytes"] for o in ours) / 2**20}
+    if backend == "numpy":
+        row["train_limit_fraction"] = limit_fraction(cfg, limits, 1 / row["train_tok_s"], 4, 3)
+        row["eval_limit_fraction"] = limit_fraction(cfg, limits, 1 / row["eval_tok_s"], 2, 1)
+    if "device_peak_bytes" in ours[0]:
+        row["device_peak_mb"] = max(o["device_peak_bytes"] for o in ours) / 2**20
+    if not peer:
+        return row
+    row.update(torch=peer[0]["torch"], torch_threads=peer[0]["threads"],
+               torch_train_tok_s=median(B * T / p["train_s"] for p in peer),
+               torch_eval_tok_s=median(B * T / p["eval_s"] for p in peer),
+               torch_peak_rss_mb=max(p["peak_rss_bytes"] for p in peer) / 2**20)
+    if "device_peak_bytes" in peer[0]:
+        row["torch_device_peak_mb"] = max(p["device_peak_bytes"] for p in peer) / 2**20
+    for phase in ("train", "eval"):
+        ratios = sorted(p[f"{phase}_s"] / o[f"{phase}_s"] for o, p in zip(ours, peer))
+        row[f"{phase}_ratio"] = median(ratios)
+        row[f"{phase}_ratio_range"] = [ratios[0], ratios[-1]]
+    return row
+
+
 def print_row(row):
     line = (f"{row['config']:<12} {row['backend']:<6} train {row['train_tok_s']:>8,.0f} tok/s  "
             f"eval {row['eval_tok_s']:>8,.0f} tok/s  rss {row['peak_rss_mb']:>6,.0f} MB")
     if "train_limit_fraction" in row:
         line += f"  limit {row['train_limit_fraction']:.0%}/{row['eval_limit_fraction']:.0%}"
     if "train_ratio" in row:
+        spread = {k: "{:.2f}-{:.2f}".format(*row[f"{k}_ratio_range"]) for k in ("train", "eval")}
         line += (f" | torch {row['torch_train_tok_s']:>8,.0f} / {row['torch_eval_tok_s']:>8,.0f}"
-                 f"  ratio train {row['train_ratio']:.2f}x eval {row['eval_ratio']:.2f}x")
+                 f"  ratio train {row['train_ratio']:.2f}x ({spread['train']}) eval {row['eval_ratio']:.2f}x"
+                 f" ({spread['eval']})")
     print(line, flush=True)
 
 
