@@ -61,7 +61,7 @@ class TimeAffine(Layer):
     def forward(self, x):
         """All B*T rows in one GEMM (untied: [x 1] @ [W; b])."""
         x2d = x.reshape(-1, x.shape[-1])
-        if self.source is None:
+        if self.tie_to is None:
             self.x2d = self.xp.empty((x2d.shape[0], self.in_size + 1), x2d.dtype)
             self.x2d[:, :-1] = x2d
             self.x2d[:, -1] = 1
@@ -80,7 +80,7 @@ class TimeAffine(Layer):
     def backward(self, dout):
         xp = self.xp
         d2d = dout.reshape(-1, self.output_size)
-        if self.source is None:
+        if self.tie_to is None:
             xp.matmul(self.x2d.T, d2d, out=self.dWb)  # dW and db (the ones column's row)
         else:
             xp.matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout

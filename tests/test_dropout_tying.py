@@ -148,3 +148,22 @@ def test_bad_ties_are_spec_errors(registry, np64, tie_to, sizes, message):
 def test_preset_with_an_unknown_option_is_a_spec_error():
     with pytest.raises(SpecError, match="model preset 'rnnlm': got an unexpected keyword argument 'dropout'"):
         preset_specs("rnnlm", dropout=0.5)
+
+
+def test_a_tied_affine_built_outside_a_model_says_it_is_not_wired(registry, np64):
+    ctx = LayerContext(np64, np.random.default_rng(0), 4, V)
+    affine = registry.build_layer({"type": "affine", "tie_to": "embedding"}, ctx)
+    with pytest.raises(SpecError, match="is not wired: build it inside a Model"):
+        affine.forward(np.zeros((1, 2, 4)))
+
+
+def test_untied_affine_w_and_b_are_one_array_and_the_bias_reaches_the_output(registry, np64):
+    """W and b are views of one [W; b] array (the bias rides in the GEMM): writing them in place (as a
+    checkpoint restore or an optimizer does) changes what forward computes."""
+    ctx = LayerContext(np64, np.random.default_rng(0), 4, V)
+    affine = registry.build_layer({"type": "affine"}, ctx)
+    x = np.random.default_rng(1).standard_normal((2, 3, 4))
+    affine.params["W"][...] = 0
+    affine.params["b"][...] = np.arange(V)
+    np.testing.assert_array_equal(affine.forward(x), np.broadcast_to(np.arange(V), (2, 3, V)))
+    assert affine.params["W"].base is affine.params["b"].base is not None
