@@ -8,11 +8,11 @@
 # Usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]   (PTB from $GPURNN_PTB_DIR, default ../shared/data/ptb)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-model="${1:?usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]}"
+model="${1:-}"
 case "$model" in
     rnn) schedule="--epochs 16 --eval-every 1327" ;;  # validation once per epoch (1,327 iterations)
     lstm) schedule="--epochs 14 --eval-every 664" ;;  # validation twice per epoch
-    *) echo "error: unknown model '$model'; use rnn or lstm" >&2; exit 2 ;;
+    *) echo "error: name the model: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR] (got '$model')" >&2; exit 2 ;;
 esac
 ptb="${GPURNN_PTB_DIR:-$repo/../shared/data/ptb}"
 run="${2:-$repo/runs/ptb-$model}"
