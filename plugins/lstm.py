@@ -72,15 +72,14 @@ class TimeLSTM(RecurrentLayer):
         blocks = das.reshape(T, B, 4, H)
         dhs_tm = dhs.transpose(1, 0, 2)
         dc = xp.zeros((B, H), gates.dtype)
-        dh_rec = None
         for t in range(T - 1, -1, -1):
-            dh = dhs_tm[t] if dh_rec is None else dhs_tm[t] + dh_rec
-            if t < T - 1:
+            dh = dhs_tm[t]
+            if t < T - 1:  # what flows back from step t + 1
+                dh = dh + das[t + 1] @ Wh_T
                 dc *= f[t + 1]
             dc += dh * dc_from_dh[t]
             blocks[t, :, :3] *= dc[:, None, :]
             blocks[t, :, 3] *= dh
-            dh_rec = das[t] @ Wh_T
         return self.weight_grads(x_tm, h0, hs, das)
 
 

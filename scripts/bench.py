@@ -6,10 +6,10 @@ gradient-norm clipping, SGD update) and forward-only evaluation steps, in tokens
 (where usable) CuPy backends, and the same model in PyTorch when torch is importable (same B, T,
 sizes, thread count). Each measurement runs in its own process, so its peak RSS is its own; gpurnn
 and the peer are measured in back-to-back pairs, --repeat times, and each ratio is the median of the
-pairs' ratios (a shared VM's speed drifts by tens of percent between minutes). Prints a
-table with the gpurnn / PyTorch ratios (and their range over the pairs) and the fraction of the machine's limit reached (the model's
-matmul FLOPs at the measured sgemm rate plus the softmax passes at the measured memory bandwidth);
---json writes everything with the machine's description.
+pairs' ratios (a shared VM's speed drifts by tens of percent between minutes). Prints a table with
+the gpurnn / PyTorch ratios (and their range over the pairs) and the fraction of the machine's limit
+reached (the model's matmul FLOPs at the measured sgemm rate plus the softmax passes at the measured
+memory bandwidth); --json writes everything with the machine's description.
 
     python scripts/bench.py                          # all configs, all usable backends
     python scripts/bench.py --configs small-rnn --quick --json out.json

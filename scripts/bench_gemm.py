@@ -15,7 +15,6 @@ import gpurnn  # noqa: F401  first: it sets OpenBLAS's thread timeout before num
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from statistics import median
 
@@ -23,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench import B, CONFIGS, T, V  # noqa: E402
+from bench import B, CONFIGS, T, V, rate  # noqa: E402
 
 from gpurnn.backend import cpu_name, cpu_threads  # noqa: E402
 
@@ -45,15 +44,6 @@ def step_products(cfg):
                        ("output dh = dlogits W^T", "backward", rows, V, H, 1)]
 
 
-def seconds_per_call(fn, min_seconds=0.2):
-    fn()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        fn()
-        count += 1
-    return (time.perf_counter() - start) / count
-
-
 def time_product(M, K, N, torch, repeat):
     """Median seconds of one (M x K) @ (K x N) product in NumPy and in PyTorch, measured alternately."""
     rng = np.random.default_rng(0)
@@ -62,8 +52,8 @@ def time_product(M, K, N, torch, repeat):
     ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out.copy())
     ours, peer = [], []
     for _ in range(repeat):
-        ours.append(seconds_per_call(lambda: np.matmul(a, b, out=out)))
-        peer.append(seconds_per_call(lambda: torch.mm(ta, tb, out=tout)))
+        ours.append(1 / rate(lambda: np.matmul(a, b, out=out), 0.2))
+        peer.append(1 / rate(lambda: torch.mm(ta, tb, out=tout), 0.2))
     return median(ours), median(peer)
 
 
