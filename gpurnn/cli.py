@@ -4,13 +4,13 @@ Every problem a user can fix ends the program with one line on stderr and exit c
 `--debug` or GPURNN_DEBUG=1 shows one).
 """
 
-import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import click
 
+from . import jsontext
 from .backend import get_backend
 from .errors import GpurnnError
 from .registry import Registry
@@ -28,7 +28,7 @@ def package_version(name):
 
 
 def emit_json(obj):
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+    click.echo(jsontext.dumps(obj, indent=2, sort_keys=False))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,12 +168,13 @@ def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoin
           **train_options):
     """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo)."""
     from .progress import TrainingProgress
-    from .train.job import model_specs, prepare_job
+    from .train.job import check_outputs, model_specs, prepare_job
     from .train.metrics import MetricsLog, plot_perplexity, require_matplotlib
     from .train.trainer import Interrupted
 
     if plot:
         require_matplotlib()
+    check_outputs(corpus, checkpoint, metrics, plot, model_config)
     explicit = explicit_options(ctx, TRAIN_FLAGS)
     if explicit_options(ctx, MODEL_OPTIONS):
         explicit.add("specs")
@@ -196,7 +197,7 @@ def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoin
     except Interrupted as exc:
         progress.close()
         click.echo(f"{exc}; checkpoint saved to {checkpoint}" if checkpoint else str(exc), err=True)
-        ctx.exit(130)
+        ctx.exit(exc.exit_code)
     finally:
         history = log.history() if plot else []
         if history:
@@ -227,7 +228,8 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
     data = open_corpus(corpus)
     check_vocab(saved, data)
     model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
-    ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size)
+    ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size,
+                             on_note=lambda text: click.echo(f"note: {text}", err=True))
     if as_json:
         emit_json({"perplexity": ppl, "tokens": tokens, "split": split})
     else:

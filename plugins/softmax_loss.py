@@ -1,16 +1,17 @@
 """Softmax with cross-entropy loss over all B*T positions (the loss layer of a language model)."""
 
 from gpurnn.backend import for_row_blocks
+from gpurnn.data.stream import IGNORE
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer
 
 
 class TimeSoftmaxWithLoss(Layer):
-    """Softmax cross-entropy, mean over all B*T targets; targets equal to -1 are ignored."""
+    """Softmax cross-entropy, mean over all B*T targets; targets equal to IGNORE (-1) are ignored."""
 
     is_loss = True
 
-    def __init__(self, ctx, ignore_index=-1):
+    def __init__(self, ctx, ignore_index=IGNORE):
         super().__init__(ctx)
         self.ignore_index = ignore_index
         self.cache = None

@@ -187,6 +187,7 @@ BAD_TEXTS = {
     "binary": (b"abc\x00\x01\x02", "binary file (NUL byte at byte offset 3)"),
     "latin-1": ("caf\u00e9\n".encode("latin-1") + b" more", "not UTF-8 text (byte offset 3"),
     "too short": (b"   \n", "the train split has 1 token(s); a split needs at least 2"),
+    "whitespace only": (b" \n\t\n  \n\r\n", "holds only whitespace; the train split needs some text"),
 }
 
 
@@ -306,9 +307,8 @@ def test_bad_corpus_files(good_corpus, capsys, kind):
 
 def test_corrupt_ids_are_caught_by_the_checksum(good_corpus):
     bad = damage(good_corpus, "corrupt data")
-    with open_corpus(bad) as corpus:
-        with pytest.raises(DataError, match="cannot read the train split"):
-            corpus.split("train")[:]
+    with pytest.raises(DataError, match="cannot read the train split"):
+        open_corpus(bad)  # every chunk is read, and so checked, when the corpus is opened
 
 
 def test_prepare_from_the_cli_char_level_json(tmp_path, capsys):

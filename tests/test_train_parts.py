@@ -9,7 +9,8 @@ import pytest
 from gpurnn.errors import CheckpointError, GpurnnError
 from gpurnn.model import Model, preset_specs
 from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
-from gpurnn.train.evaluate import IGNORE, eval_batches, perplexity
+from gpurnn.data.stream import IGNORE, eval_batches
+from gpurnn.train.evaluate import perplexity
 from gpurnn.train.generate import generate_text, prompt_ids, prompt_tokens, sample
 from gpurnn.train.optim import ELEMENT_BLOCK, Adam, SGD, clip_scale, make_optimizer
 

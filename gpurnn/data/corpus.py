@@ -12,6 +12,7 @@ from importlib import resources
 import h5py
 import numpy as np
 
+from ..atomic import os_error_cause
 from ..errors import DataError
 from .text import SPECIAL_TOKENS, check_level, detokenize, read_chunks, string_chunks, tokenize
 from .vocab import Vocab, vocab_from_text
@@ -20,11 +21,8 @@ FORMAT_NAME = "gpurnn-corpus"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 MIN_SPLIT_TOKENS = 2
+CHECK_CHUNK_IDS = 1 << 22  # ids read at a time when checking a split (16 MiB)
 DEMO_FILE = "ptb_first_1000_words.txt"
-
-
-def one_line(exc):
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def check_split_length(name, length, where):
@@ -52,7 +50,7 @@ class CorpusSplit:
         try:
             return self._dataset[index]
         except (OSError, RuntimeError) as exc:
-            raise DataError(f"{self.path}: cannot read the {self.name} split ({one_line(exc)})") from None
+            raise DataError(f"{self.path}: cannot read the {self.name} split ({os_error_cause(exc)})") from None
 
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self[:], dtype=dtype)
@@ -142,7 +140,7 @@ def open_corpus(path):
     try:
         file = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({one_line(exc)})") from None
+        raise DataError(f"{path}: not a readable HDF5 file ({os_error_cause(exc)})") from None
     try:
         return _read_corpus(file, path)
     except BaseException:
@@ -168,13 +166,27 @@ def _read_corpus(file, path):
                           "sha256": str(file[name].attrs["source_sha256"]),
                           "bytes": int(file[name].attrs["source_bytes"])} for name in splits}
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:
-        raise DataError(f"{path}: damaged gpurnn corpus file ({one_line(exc)})") from None
+        raise DataError(f"{path}: damaged gpurnn corpus file ({os_error_cause(exc)})") from None
     if "train" not in splits or len(counts) != len(vocab):
         raise DataError(f"{path}: damaged gpurnn corpus file (no train split or counts do not match vocab)")
     for name, split in splits.items():
         if split._dataset.dtype != np.int32 or split._dataset.ndim != 1:
             raise DataError(f"{path}: damaged gpurnn corpus file (split {name} is not 1-D int32)")
+        check_ids(split, len(vocab))
     return Corpus(vocab, level, splits, counts, sources, path=path, file=file, format_version=version)
+
+
+def check_ids(split, vocab_size):
+    """Refuse a split holding an id outside the vocabulary (a damaged file): one pass over its chunks.
+
+    Reading every chunk also checks its Fletcher-32 checksum, so damage anywhere in the ids is found here.
+    """
+    for start in range(0, len(split), CHECK_CHUNK_IDS):
+        ids = split[start:start + CHECK_CHUNK_IDS]
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+            raise DataError(f"{split.path}: damaged gpurnn corpus file (the {split.name} split holds id {bad}, "
+                            f"outside the vocabulary of {vocab_size} tokens)")
 
 
 def encode_chunks(vocab, chunks, level):

@@ -12,10 +12,10 @@ from importlib.metadata import PackageNotFoundError, version
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import DataError
-from .corpus import FORMAT_NAME, FORMAT_VERSION, check_split_length, one_line
-from .text import SPECIAL_TOKENS, check_level, check_text_file, read_chunks, tokenize
+from ..atomic import atomic_path, check_output_path, os_error_cause
+from ..errors import DataError, GpurnnError
+from .corpus import FORMAT_NAME, FORMAT_VERSION, check_split_length
+from .text import EOS, SPECIAL_TOKENS, check_level, check_text_file, read_chunks, tokenize
 from .vocab import vocab_from_text
 
 HDF5_CHUNK_IDS = 1 << 16  # 256 KiB of int32 per HDF5 chunk (large sequential reads), each checksummed
@@ -38,7 +38,7 @@ def prepare_corpus(train, output, valid=None, test=None, level="word", vocab_siz
                 write_split(file, name, path, vocab, level, counts if name == "train" else None)
             file.create_dataset("vocab_counts", data=counts)
     except OSError as exc:
-        raise DataError(f"{output}: cannot write the corpus file ({one_line(exc)})") from None
+        raise DataError(f"{output}: cannot write the corpus file ({os_error_cause(exc)})") from None
     return output
 
 
@@ -50,6 +50,10 @@ def check_output(output, inputs):
         raise DataError(f"{output}: the directory {parent} does not exist")
     if os.path.exists(output) and any(os.path.samefile(output, path) for path in inputs):
         raise DataError(f"{output}: is one of the input texts; choose another output name")
+    try:
+        check_output_path(output, "the corpus file")
+    except GpurnnError as exc:
+        raise DataError(str(exc)) from None
 
 
 def write_header(file, vocab, level):
@@ -69,7 +73,9 @@ def write_split(file, name, path, vocab, level, counts=None):
     digest = hashlib.sha256()
     ids = file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(HDF5_CHUNK_IDS,),
                               fletcher32=True)
+    has_text = False
     for tokens in tokenize(read_chunks(path, level, digest), level):
+        has_text = has_text or has_text_tokens(tokens, level)
         batch = vocab.encode(tokens)
         end = ids.shape[0]
         ids.resize((end + len(batch),))
@@ -77,9 +83,18 @@ def write_split(file, name, path, vocab, level, counts=None):
         if counts is not None:
             counts += np.bincount(batch, minlength=len(counts))
     check_split_length(name, ids.shape[0], path)
+    if not has_text:
+        raise DataError(f"{path}: holds only whitespace; the {name} split needs some text")
     ids.attrs["source"] = path
     ids.attrs["source_sha256"] = digest.hexdigest()
     ids.attrs["source_bytes"] = os.path.getsize(path)
+
+
+def has_text_tokens(tokens, level):
+    """Whether a batch of tokens holds more than line ends and whitespace."""
+    if level == "char":
+        return not tokens.isspace() if tokens else False
+    return any(token != EOS for token in tokens)
 
 
 def gpurnn_version():

@@ -9,14 +9,21 @@ lane b carries meaningfully from one batch to the next. One epoch is M // (B * T
 across epochs. The state is the step count alone, so a stream resumed from `state_dict()` yields exactly
 the batches the uninterrupted one would have.
 
+Evaluation reads a split differently (`eval_batches`): every prediction exactly once, in B contiguous
+lanes padded with IGNORE targets, which the loss skips.
+
 Reading: each refill reads, for every lane, one contiguous block of many steps (two when the lane wraps)
 into (B, L) buffers, and the batches are column slices of them. An HDF5 split is read that way at
 constant memory; it is loaded whole only when small (or `in_memory=True`).
 """
 
+import math
+
 import numpy as np
 
 from ..errors import DataError
+
+IGNORE = -1  # a target that scores nothing (padding); the softmax loss's default ignore_index
 
 READ_AHEAD_IDS = 1 << 20  # ids per refill, over all lanes (4 MiB each for xs and ts)
 IN_MEMORY_IDS = 1 << 22  # splits up to this many ids (16 MiB) are loaded whole by default
@@ -121,3 +128,40 @@ def check_positive(what, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise DataError(f"{what} must be a positive integer, not {value!r}")
     return int(value)
+
+
+def eval_lanes(positions, batch_size, time_size):
+    """How many lanes `eval_batches` uses: at most `batch_size`, and few enough that each holds a block.
+
+    More lanes than positions // time_size would pad most lanes (and, past the positions, give every
+    token a lane of its own), costing memory and context for nothing.
+    """
+    return max(1, min(batch_size, positions // time_size))
+
+
+def eval_batches(ids, batch_size, time_size):
+    """Yield (xs, ts, count): int32 (B, T) blocks covering every prediction of `ids` once.
+
+    The N - 1 predictions are cut into B = eval_lanes(N - 1, batch_size, time_size) contiguous lanes of
+    ceil((N - 1) / B) positions; the last lane's missing positions are padded with IGNORE targets.
+    """
+    ids = np.asarray(ids)
+    positions = len(ids) - 1
+    if positions < 1:
+        raise DataError(f"a split needs at least 2 tokens to be evaluated, it has {len(ids)}")
+    B = eval_lanes(positions, batch_size, time_size)
+    lane = math.ceil(positions / B)
+    steps = math.ceil(lane / time_size)
+    width = steps * time_size
+    xs = np.zeros((B, width), np.int32)
+    ts = np.full((B, width), IGNORE, np.int32)
+    for b in range(B):
+        start, stop = b * lane, min((b + 1) * lane, positions)
+        xs[b, : stop - start] = ids[start:stop]
+        ts[b, : stop - start] = ids[start + 1: stop + 1]
+    for k in range(steps):
+        block = slice(k * time_size, (k + 1) * time_size)
+        t = ts[:, block]
+        count = int((t != IGNORE).sum())
+        if count:
+            yield xs[:, block], t, count

@@ -4,43 +4,91 @@ The layout is documented in docs/checkpoint-format.md: /params, /optimizer and /
 dataset per array, /vocab the vocabulary, and a JSON `meta` attribute the model specs, options,
 counters and stream/generator state. The file is written under a temporary name in the same folder
 and renamed, so a checkpoint on disk is never half-written.
+
+Integrity: every dataset carries HDF5's Fletcher-32 checksum, the file's own structure is checksummed
+(HDF5's latest format), and a SHA-256 of the `meta` JSON and the vocabulary is stored and checked at
+load, so a damaged file is refused rather than silently used. `verify_checkpoint` also refuses
+missing metadata and non-finite parameters.
 """
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import CheckpointError
+from ..atomic import atomic_path, check_output_path, os_error_cause
+from ..errors import CheckpointError, GpurnnError
 
 FORMAT = "gpurnn-checkpoint"
 FORMAT_VERSION = 1
+DIGEST_ATTR = "sha256"  # of the meta JSON and the vocabulary, see `content_digest`
+# meta keys every checkpoint written by the trainer has, with their types
+REQUIRED_META = {"specs": list, "vocab_size": int, "config": dict, "trainer": dict,
+                 "optimizer_scalars": dict, "stream": dict}
+REQUIRED_TRAINER = {"iteration": int, "lr": (int, float), "best_valid": (int, float, type(None))}
 
 
 def check_writable(path):
-    """Refuse early a checkpoint path whose folder does not exist (rather than after hours of training)."""
+    """Refuse early a checkpoint path that cannot be written, or that holds a file other than a checkpoint."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise CheckpointError(f"cannot write checkpoint {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"cannot write checkpoint {path}: it is a folder")
+    try:
+        check_output_path(path, "checkpoint")
+    except GpurnnError as exc:
+        raise CheckpointError(str(exc)) from None
+    if path.exists() and not is_checkpoint(path):
+        raise CheckpointError(f"{path} exists and is not a gpurnn checkpoint: not replacing it "
+                              f"(remove it or choose another --checkpoint)")
+
+
+def is_checkpoint(path):
+    """Whether `path` is an HDF5 file that says it is a gpurnn checkpoint."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def content_digest(meta_json, vocab):
+    """SHA-256 of the meta JSON and the vocabulary (one token per line), as hex."""
+    digest = hashlib.sha256(meta_json.encode("utf-8"))
+    for token in vocab:
+        digest.update(b"\n" + token.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def create_checked_dataset(group, name, value):
+    """A dataset holding `value`, with a Fletcher-32 checksum per chunk (a scalar or empty array has none)."""
+    value = np.asarray(value)
+    group.create_dataset(name, data=value, fletcher32=value.ndim > 0 and value.size > 0)
 
 
 def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
-    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable."""
+    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable.
+
+    A write that fails (a full disk, a read-only folder) raises CheckpointError naming the file and the
+    cause, and leaves any previous checkpoint as it was.
+    """
     path = Path(path)
     check_writable(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["meta"] = json.dumps(meta)
-        for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
-            g = f.create_group(group)
-            for name, value in arrays.items():
-                g.create_dataset(name, data=np.asarray(value))
-        f.create_dataset("vocab", data=np.array(list(vocab), dtype=h5py.string_dtype("utf-8")))
+    vocab = list(vocab)
+    meta_json = json.dumps(meta, allow_nan=False)
+    try:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["meta"] = meta_json
+            f.attrs[DIGEST_ATTR] = content_digest(meta_json, vocab)
+            for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
+                g = f.create_group(group)
+                for name, value in arrays.items():
+                    create_checked_dataset(g, name, value)
+            f.create_dataset("vocab", data=np.array(vocab, dtype=h5py.string_dtype("utf-8")))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {os_error_cause(exc)}") from None
 
 
 class Checkpoint:
@@ -64,14 +112,55 @@ def load_checkpoint(path):
             if version > FORMAT_VERSION:
                 raise CheckpointError(f"{path} has checkpoint format {version}; this gpurnn reads up to "
                                       f"{FORMAT_VERSION}: upgrade gpurnn")
-            meta = json.loads(f.attrs["meta"])
+            meta_json = f.attrs["meta"]
             groups = [{k: v[()] for k, v in f[g].items()} for g in ("params", "optimizer", "state")]
             vocab = [s.decode("utf-8") if isinstance(s, bytes) else s for s in f["vocab"][()]]
+            verify_digest(f, meta_json, vocab, path)
+            meta = json.loads(meta_json)
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable gpurnn checkpoint ({exc})") from exc
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable gpurnn checkpoint ({os_error_cause(exc)})") from None
     return Checkpoint(path, *groups, vocab, meta)
+
+
+def verify_digest(f, meta_json, vocab, path):
+    """Refuse a checkpoint whose meta or vocabulary does not match the digest written with them."""
+    if DIGEST_ATTR in f.attrs and f.attrs[DIGEST_ATTR] != content_digest(meta_json, vocab):
+        raise CheckpointError(f"{path} is damaged: its metadata or vocabulary does not match its checksum")
+
+
+def verify_checkpoint(checkpoint):
+    """Refuse a checkpoint that lacks metadata the trainer writes, or whose parameters are not finite."""
+    path, meta = checkpoint.path, checkpoint.meta
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its meta is not a JSON object")
+    for table, required, where in ((meta, REQUIRED_META, "meta"),
+                                   (meta.get("trainer"), REQUIRED_TRAINER, "meta.trainer")):
+        for key, kind in required.items():
+            value = table.get(key)
+            if value is None and type(None) not in (kind if isinstance(kind, tuple) else (kind,)):
+                raise CheckpointError(f"{path}: {where} has no {key!r}; not a complete gpurnn checkpoint")
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise CheckpointError(f"{path}: {where}.{key} is {value!r}, not a {_kind_name(kind)}")
+    if meta["vocab_size"] != len(checkpoint.vocab):
+        raise CheckpointError(f"{path}: meta.vocab_size {meta['vocab_size']} does not match its vocabulary "
+                              f"({len(checkpoint.vocab)} tokens)")
+    lr = meta["trainer"]["lr"]
+    if not math.isfinite(lr) or lr <= 0:
+        raise CheckpointError(f"{path}: its learning rate {lr!r} is not a finite positive number")
+    for group in ("params", "state"):
+        for name, value in getattr(checkpoint, group).items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise CheckpointError(f"{path}: {group} {name!r} holds NaN or infinite values; "
+                                      f"the checkpoint cannot be used")
+    return checkpoint
+
+
+def _kind_name(kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {list: "list", dict: "table", int: "integer", float: "number", type(None): "null"}
+    return " or ".join(dict.fromkeys(names[k] for k in kinds))
 
 
 def restore_params(params, checkpoint, backend):

@@ -1,47 +1,43 @@
 """Perplexity over a whole split, every token scored exactly once.
 
 The N - 1 predictions of a split (each token from the one before it) are cut into B contiguous lanes
-of ceil((N - 1) / B) positions, read T at a time with the hidden state carried along each lane. The
-last lane is shorter: its missing positions are padded with target -1, which the loss ignores, so
-the padding scores nothing. Each lane starts from a zero state, so B = 1 gives the exact perplexity
-of one left-to-right pass; larger B is faster and costs a little context at B - 1 lane starts.
+of ceil((N - 1) / B) positions, read T at a time with the hidden state carried along each lane
+(`gpurnn.data.stream.eval_batches`). The last lane is shorter: its missing positions are padded with
+IGNORE targets, which the loss skips, so the padding scores nothing. Each lane starts from a zero
+state, so B = 1 gives the exact perplexity of one left-to-right pass; larger B is faster and costs a
+little context at B - 1 lane starts.
 """
 
 import math
 
-import numpy as np
+from ..data.stream import eval_batches, eval_lanes
 
-from ..errors import DataError
-
-IGNORE = -1
-
-
-def eval_batches(ids, batch_size, time_size):
-    """Yield (xs, ts, count): int32 (B, T) blocks covering every prediction of `ids` once."""
-    ids = np.asarray(ids)
-    positions = len(ids) - 1
-    if positions < 1:
-        raise DataError(f"a split needs at least 2 tokens to be evaluated, it has {len(ids)}")
-    B = max(1, min(batch_size, positions))
-    lane = math.ceil(positions / B)
-    steps = math.ceil(lane / time_size)
-    width = steps * time_size
-    xs = np.zeros((B, width), np.int32)
-    ts = np.full((B, width), IGNORE, np.int32)
-    for b in range(B):
-        start, stop = b * lane, min((b + 1) * lane, positions)
-        xs[b, : stop - start] = ids[start:stop]
-        ts[b, : stop - start] = ids[start + 1: stop + 1]
-    for k in range(steps):
-        block = slice(k * time_size, (k + 1) * time_size)
-        t = ts[:, block]
-        count = int((t != IGNORE).sum())
-        if count:
-            yield xs[:, block], t, count
+# The most logits (B x T x V) one evaluation block may hold: bounds memory whatever --batch-size says.
+MAX_BLOCK_LOGITS = 1 << 25  # 128 MiB in float32
+LARGEST_LOG = math.log(1.7e308)  # exp of more than this overflows a float
 
 
-def perplexity(model, ids, batch_size=10, time_size=35):
-    """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was."""
+def perplexity_of_loss(mean_loss):
+    """exp(mean loss), or inf where that overflows a float (a diverging model), never an error."""
+    return math.inf if mean_loss >= LARGEST_LOG else math.exp(mean_loss)
+
+
+def lanes_for(model, positions, batch_size, time_size):
+    """The lanes an evaluation uses: each holds a block, and a block's logits stay within MAX_BLOCK_LOGITS."""
+    by_memory = max(1, MAX_BLOCK_LOGITS // (time_size * max(model.vocab_size, 1)))
+    return eval_lanes(positions, min(batch_size, by_memory), time_size)
+
+
+def perplexity(model, ids, batch_size=10, time_size=35, on_note=None):
+    """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was.
+
+    `batch_size` is lowered where it would leave a lane without a whole block or exceed the memory bound;
+    `on_note(text)` is told when that happens.
+    """
+    lanes = lanes_for(model, len(ids) - 1, batch_size, time_size)
+    if lanes < batch_size and on_note is not None:
+        on_note(f"batch size {batch_size} lowered to {lanes} (each lane holds at least one block of "
+                f"{time_size} tokens, and a block at most {MAX_BLOCK_LOGITS:,} logits)")
     backend = model.backend
     saved_state = model.get_state()
     was_training = model.layers[0].training
@@ -49,7 +45,7 @@ def perplexity(model, ids, batch_size=10, time_size=35):
     model.reset_state()
     total, tokens = 0.0, 0
     try:
-        for xs, ts, count in eval_batches(ids, batch_size, time_size):
+        for xs, ts, count in eval_batches(ids, lanes, time_size):
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
             total = total + loss * count  # stays on the device until the end
             tokens += count
@@ -57,4 +53,4 @@ def perplexity(model, ids, batch_size=10, time_size=35):
     finally:
         model.set_state(saved_state)
         model.train(was_training)
-    return math.exp(mean), tokens
+    return perplexity_of_loss(mean), tokens

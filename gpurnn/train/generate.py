@@ -4,6 +4,8 @@ Sampling draws from a NumPy generator seeded by the caller, on the host, so the 
 same text. Prompts are tokenized, and samples turned back into text, by the data package's rules.
 """
 
+import math
+
 import numpy as np
 
 from ..data.text import EOS, detokenize, string_chunks, tokenize
@@ -31,8 +33,8 @@ def generate_text(model, vocab, level, prompt="", length=50, temperature=1.0, to
 
 def sample(model, ids, length, temperature=1.0, top_k=None, seed=0):
     """`length` new token ids following `ids`, sampled with temperature and optional top-k."""
-    if temperature <= 0:
-        raise GpurnnError("--temperature must be > 0")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise GpurnnError(f"--temperature must be a finite number > 0, not {temperature!r}")
     backend = model.backend
     rng = np.random.default_rng(seed)
     model.eval()

@@ -5,13 +5,17 @@ that contradict a checkpoint. With no corpus it trains on the embedded demo (the
 of Penn Treebank) with the textbook's chapter-5 settings.
 """
 
+import math
+import sys
 import tomllib
 from pathlib import Path
 
+from ..atomic import check_not_inputs, check_output_path, remove_stale_temps
 from ..data import BPTTStream, demo_corpus, open_corpus
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError, GpurnnError, SpecError
+from ..lock import PathLock
 from ..model import Model, preset_specs
-from .checkpoint import check_writable, load_checkpoint, restore_params
+from .checkpoint import check_writable, load_checkpoint, restore_params, verify_checkpoint
 from .optim import make_optimizer
 from .trainer import TrainConfig, Trainer
 
@@ -21,6 +25,10 @@ CORPUS_DEFAULTS = {"batch_size": 20, "time_size": 35, "lr": 0.1, "epochs": 1, "o
 # Options a resumed run may change (how long, how often, and the schedule from here on: a given --lr
 # replaces the checkpoint's current, possibly decayed, rate); any other explicit option must match.
 RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip"}
+SCHEDULE = ("lr", "lr_decay", "clip")  # changed on resume only with a note saying so
+# Layer options whose values are checked when a model config is read (plugins check their own others).
+POSITIVE_INT_OPTIONS = ("size", "hidden_size", "output_size")
+PROBABILITY_OPTIONS = ("p",)
 
 
 def load_model_config(path):
@@ -35,7 +43,51 @@ def load_model_config(path):
         raise SpecError(f"model config {path} is not valid TOML: {exc}") from None
     if not isinstance(layers, list) or not layers:
         raise SpecError(f"model config {path} needs a list of [[layers]] tables")
+    for number, spec in enumerate(layers, 1):
+        check_layer_values(spec, f"model config {path}: layer {number}")
     return layers
+
+
+def check_layer_values(spec, where):
+    """Refuse a layer spec whose sizes are not positive integers or whose probabilities are out of range."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise SpecError(f"{where} needs a type = \"...\" (a layer type name)")
+    where = f"{where} ({spec['type']})"
+    for key in POSITIVE_INT_OPTIONS:
+        value = spec.get(key)
+        if key in spec and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SpecError(f"{where}: {key} must be a positive integer, not {value!r}")
+    for key in PROBABILITY_OPTIONS:
+        value = spec.get(key)
+        if key in spec and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise SpecError(f"{where}: {key} must be a probability in [0, 1), not {value!r}")
+
+
+def check_train_config(config):
+    """Refuse option values no run can use: non-finite or non-positive rates, clips and counts."""
+    for key in ("lr", "clip", "lr_decay"):
+        value = getattr(config, key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise GpurnnError(f"--{key.replace('_', '-')} must be a finite number > 0, not {value!r}")
+    if config.lr_decay is not None and config.lr_decay > 1:
+        raise GpurnnError(f"--lr-decay must be at most 1, not {config.lr_decay!r}")
+    for key in ("batch_size", "time_size", "epochs", "max_iters", "eval_every", "save_every", "log_every",
+                "eval_batch_size"):
+        value = getattr(config, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise GpurnnError(f"--{key.replace('_', '-')} must be a positive integer, not {value!r}")
+
+
+def check_outputs(corpus=None, checkpoint=None, metrics=None, plot=None, model_config=None):
+    """Before any work: every output can be written, and none is an input or another output."""
+    check_not_inputs([("checkpoint", checkpoint), ("metrics file", metrics), ("plot", plot)],
+                     [("corpus", corpus), ("model config", model_config)])
+    if checkpoint:
+        check_writable(checkpoint)
+    if metrics:
+        check_output_path(metrics, "metrics file")
+    if plot:
+        check_output_path(plot, "plot")
 
 
 def model_specs(model="simple-rnnlm", model_config=None, wordvec_size=None, hidden_size=None):
@@ -52,26 +104,49 @@ def corpus_source(path):
 
 
 def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, checkpoint=None,
-                resume=False, on_log=None, on_step=None):
+                resume=False, on_log=None, on_step=None, on_note=None):
     """A ready Trainer (restored when resuming) and the corpus it reads.
 
     `options` maps TrainConfig fields to values, None meaning "default"; `explicit` names those the
-    user actually gave (only they can contradict a checkpoint).
+    user actually gave (only they can contradict a checkpoint). The checkpoint path is locked against
+    other trainers until the Trainer's run ends. `on_note(text)` hears of schedule options a resume
+    changes (default: printed to stderr).
     """
+    lock = None
     if checkpoint:
-        check_writable(checkpoint)
+        check_outputs(corpus_path, checkpoint)
+        lock = PathLock(checkpoint).acquire()
+        remove_stale_temps(checkpoint)
+    try:
+        trainer, corpus = _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint,
+                                       resume, on_log, on_step, on_note or _print_note)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.lock = lock
+    return trainer, corpus
+
+
+def _print_note(text):
+    print(text, file=sys.stderr)
+
+
+def _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint, resume, on_log, on_step,
+                 on_note):
     corpus = corpus_source(corpus_path)
     saved = None
     if resume:
         if not checkpoint:
             raise CheckpointError("--resume needs --checkpoint PATH")
-        saved = load_checkpoint(checkpoint)
+        saved = verify_checkpoint(load_checkpoint(checkpoint))
         check_resume(saved, corpus, specs, options, explicit)
         specs = saved.meta["specs"]
         options = {**saved.meta["config"], **{k: v for k, v in options.items() if k in explicit}}
     defaults = DEMO_DEFAULTS if corpus_path is None else CORPUS_DEFAULTS
     chosen = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig(**{**defaults, **chosen})
+    check_train_config(config)
     train_ids = corpus.split("train")
     stream = BPTTStream(train_ids, config.batch_size, config.time_size)
     if "log_every" not in chosen:
@@ -85,9 +160,22 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
                       on_log=on_log, on_step=on_step)
     if saved is not None:
         trainer.restore(saved)
+        for line in schedule_changes(saved, config, explicit):
+            on_note(line)
         if "lr" in explicit:
             trainer.optimizer.lr = config.lr
     return trainer, corpus
+
+
+def schedule_changes(saved, config, explicit):
+    """One line per schedule value an explicit option replaces on resume ("lr 0.025 from the checkpoint -> 0.1")."""
+    current = {**saved.meta["config"], "lr": saved.meta["trainer"]["lr"]}
+    for key in SCHEDULE:
+        new = getattr(config, key)
+        if key in explicit and current.get(key) != new:
+            old = "none" if current.get(key) is None else f"{current.get(key):g}"
+            yield (f"resume: {key.replace('_', '-')} {old} from the checkpoint -> {new:g} "
+                   f"(--{key.replace('_', '-')})")
 
 
 def check_vocab(saved, corpus):
@@ -111,7 +199,7 @@ def check_resume(saved, corpus, specs, options, explicit):
 
 def model_from_checkpoint(saved, backend, registry):
     """The model a checkpoint describes, with its parameters, in evaluation mode."""
-    meta = saved.meta
+    meta = verify_checkpoint(saved).meta
     model = Model(meta["specs"], meta["vocab_size"], backend, registry)
     restore_params(model.params, saved, backend)
     return model.eval()

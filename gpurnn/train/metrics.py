@@ -7,7 +7,8 @@ starts rather than after hours of it.
 import json
 from pathlib import Path
 
-from ..atomic import atomic_path
+from .. import jsontext
+from ..atomic import atomic_path, os_error_cause
 from ..errors import GpurnnError
 
 
@@ -23,15 +24,21 @@ class MetricsLog:
     def __call__(self, record):
         self.records.append(record)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(jsontext.dumps(record) + "\n")
+            except OSError as exc:
+                raise GpurnnError(f"cannot write metrics to {self.path}: {os_error_cause(exc)}") from None
 
     def history(self):
         """Every record in the file (earlier runs included) followed by this run's, for plotting."""
         if not self.path or not self.path.exists():
             return list(self.records)
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(self.path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise GpurnnError(f"cannot read metrics from {self.path}: {os_error_cause(exc)}") from None
 
 
 def require_matplotlib():
@@ -59,6 +66,10 @@ def plot_perplexity(records, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    except OSError as exc:
+        raise GpurnnError(f"cannot write the plot {path}: {os_error_cause(exc)}") from None
+    finally:
+        plt.close(fig)

@@ -5,19 +5,26 @@ previous block) -> backward -> optional gradient-norm clipping -> optimizer step
 device; it is read back only when a window of iterations is logged, which is also where a non-finite
 loss is caught. Everything that decides the next parameters (params, optimizer, stream position,
 hidden state, random generator, learning rate, best validation perplexity) is saved in checkpoints,
-so a resumed run ends bit-identical to an uninterrupted one on NumPy.
+so a resumed run ends bit-identical to an uninterrupted one on NumPy, after any stop.
+
+Stopping: SIGINT (Ctrl-C), SIGTERM (kill, batch schedulers, docker stop) and SIGHUP end the current
+iteration, save a checkpoint and raise Interrupted (exit status 128 + the signal's number); a second
+signal stops at once without saving (after a save in progress completes). A checkpoint is only ever
+written from finite parameters, so "the last good checkpoint" is always good.
 """
 
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import GpurnnError
+from ..errors import CheckpointError, GpurnnError
 from .checkpoint import restore_params, save_checkpoint
-from .evaluate import perplexity
+from .evaluate import perplexity, perplexity_of_loss
 from .optim import clip_scale
 
 
@@ -25,8 +32,22 @@ class TrainingDiverged(GpurnnError):
     """The loss became NaN or infinite."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Interrupted(Exception):
-    """Training stopped on SIGINT after saving a checkpoint."""
+    """Training stopped on a signal after saving a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self):
+        return 128 + self.signum
+
+    def __str__(self):
+        return f"{self.args[0]} ({signal.Signals(self.signum).name})"
 
 
 @dataclass
@@ -70,6 +91,9 @@ class Trainer:
         self._window = []
         self._window_start = None
         self._stop_requested = False
+        self._stop_signal = self._abort_signal = None
+        self._saving = False
+        self.lock = None  # a held PathLock on the checkpoint, released when run() ends
 
     @property
     def total_iters(self):
@@ -78,19 +102,42 @@ class Trainer:
         return (self.config.epochs or 1) * self.stream.steps_per_epoch
 
     def run(self):
-        """Train to `total_iters`; on SIGINT save a checkpoint and raise Interrupted."""
-        previous = signal.signal(signal.SIGINT, self._request_stop)
+        """Train to `total_iters` and save; on a stop signal save a checkpoint and raise Interrupted."""
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
         try:
-            with np.errstate(over="ignore", invalid="ignore"):  # caught as a non-finite loss instead
-                self._loop()
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):  # caught as a non-finite loss instead
+                    self._loop()
+            except Interrupted as exc:
+                exc.signum = self._stop_signal
+                raise
+            self.save()  # a signal during this last save changes nothing: the run is complete
         finally:
-            signal.signal(signal.SIGINT, previous)
-        self.save()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.release_lock()
+
+    def release_lock(self):
+        if self.lock is not None:
+            self.lock.release()
 
     def _request_stop(self, signum, frame):
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
+        if not self._stop_requested:  # stop after this iteration, with a checkpoint
+            self._stop_requested, self._stop_signal = True, signum
+        elif self._saving:  # a second signal: stop as soon as the save in progress is complete
+            self._abort_signal = signum
+        else:
+            self._abort(signum)
+
+    def _abort(self, signum):
+        """Stop at once without saving: the checkpoint on disk stays the last one written, complete."""
+        kept = (f"; the checkpoint of iteration {self.saved_iteration} is kept"
+                if self.saved_iteration is not None else "")
+        sys.stdout.flush()
+        sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopped without saving{kept}\n")
+        sys.stderr.flush()
+        self.release_lock()
+        os._exit(128 + signum)
 
     def _loop(self):
         cfg, model, backend = self.config, self.model, self.model.backend
@@ -123,18 +170,17 @@ class Trainer:
         first = self.iteration - len(losses) + 1
         bad = [first + k for k, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
-            kept = (f"; the last good checkpoint (iteration {self.saved_iteration}) is kept"
-                    if self.saved_iteration is not None else "")
-            raise TrainingDiverged(f"the loss became non-finite at iteration {bad[0]}{kept}")
+            raise TrainingDiverged(f"the loss became non-finite at iteration {bad[0]}{self._kept()}")
         elapsed = time.perf_counter() - self._window_start
         tokens = len(losses) * self.config.batch_size * self.config.time_size
         record = {"iteration": self.iteration, "epoch": round(self.iteration / self.stream.steps_per_epoch, 4),
-                  "lr": self.optimizer.lr, "train_perplexity": math.exp(float(losses.mean())),
+                  "lr": self.optimizer.lr, "train_perplexity": perplexity_of_loss(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
             valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size)
             record["valid_perplexity"] = valid
-            self._plateau(valid)
+            if self.config.eval_every and self.iteration % self.config.eval_every == 0:
+                self._plateau(valid)  # only on schedule: where a run stops must not change its course
         self.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
@@ -148,11 +194,32 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    def _kept(self):
+        return (f"; the last good checkpoint (iteration {self.saved_iteration}) is kept"
+                if self.saved_iteration is not None else "")
+
     def save(self):
-        """Write everything needed to resume to the checkpoint path (if any), atomically."""
+        """Write everything needed to resume to the checkpoint path (if any), atomically.
+
+        Refuses (TrainingDiverged) to write non-finite parameters, leaving the last good checkpoint.
+        """
         if not self.checkpoint_path:
             return
+        self._saving = True
+        try:
+            self._save()
+        finally:
+            self._saving = False
+        if self._abort_signal is not None:
+            self._abort(self._abort_signal)
+
+    def _save(self):
         backend = self.model.backend
+        params = {k: backend.to_host(v) for k, v in self.model.params.items()}
+        bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(f"parameter {bad[0]} became non-finite by iteration {self.iteration}: "
+                                   f"not saved{self._kept()}")
         opt_state = self.optimizer.state_dict()
         arrays = {k: backend.to_host(v) for k, v in opt_state.items() if not isinstance(v, (int, float))}
         scalars = {k: v for k, v in opt_state.items() if isinstance(v, (int, float))}
@@ -168,11 +235,13 @@ class Trainer:
             "generator": backend.generator_state(self.model.generator),
             "backend": backend.name,
         }
-        save_checkpoint(self.checkpoint_path,
-                        params={k: backend.to_host(v) for k, v in self.model.params.items()},
-                        optimizer_arrays=arrays,
-                        state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
-                        vocab=self.vocab, meta=meta)
+        try:
+            save_checkpoint(self.checkpoint_path, params=params,
+                            optimizer_arrays=arrays,
+                            state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
+                            vocab=self.vocab, meta=meta)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}{self._kept()}") from None
         self.saved_iteration = self.iteration
 
     def restore(self, checkpoint):
