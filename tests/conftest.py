@@ -1,4 +1,5 @@
-"""Shared fixtures: backends, the registry, and a skip marker for tests that need a CUDA device."""
+"""Shared fixtures: backends, the registry, a small prepared corpus, and a skip marker for tests that need a
+CUDA device."""
 
 import numpy as np
 import pytest
@@ -23,3 +24,23 @@ def np64():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def make_small_corpus(folder):
+    """A prepared word corpus with train/valid/test splits from the first PTB lines (shipped demo text),
+    in `folder`; returns its path."""
+    from gpurnn.data import prepare_corpus
+    from importlib.resources import files
+    folder.mkdir(exist_ok=True)
+    lines = files("gpurnn.data").joinpath("ptb_first_1000_words.txt").read_text().splitlines()
+    for name, part in (("train", lines[:30]), ("valid", lines[30:37]), ("test", lines[37:])):
+        (folder / f"{name}.txt").write_text("\n".join(part) + "\n")
+    out = folder / "small.h5"
+    prepare_corpus(folder / "train.txt", out, valid=folder / "valid.txt", test=folder / "test.txt")
+    return out
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """The small corpus in its own folder, `tmp_path / "corpus"`."""
+    return make_small_corpus(tmp_path / "corpus")

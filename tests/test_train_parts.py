@@ -126,7 +126,8 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, content, message):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("n, B, T", [(2, 1, 1), (50, 3, 4), (101, 10, 35), (37, 40, 5), (64, 7, 9)])
+@pytest.mark.parametrize("n, B, T", [(2, 1, 1), (50, 3, 4), (101, 10, 35), (37, 40, 5), (64, 7, 9), (177, 35, 5),
+                                     (177, 100, 1)])
 def test_eval_batches_score_every_token_exactly_once(n, B, T):
     ids = np.arange(n) % 13 + 100 * np.arange(n)  # each position's value is unique
     scored = []

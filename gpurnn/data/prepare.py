@@ -31,7 +31,7 @@ def prepare_corpus(train, output, valid=None, test=None, level="word", vocab_siz
     check_output(output, sources.values())
     vocab = vocab_from_text(read_chunks(sources["train"], level), level, vocab_size, min_count)
     try:
-        with atomic_path(output) as tmp, h5py.File(tmp, "w") as file:
+        with atomic_path(output) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as file:
             write_header(file, vocab, level)
             counts = np.zeros(len(vocab), dtype=np.int64)
             for name, path in sources.items():

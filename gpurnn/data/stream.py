@@ -130,27 +130,33 @@ def check_positive(what, value):
     return int(value)
 
 
-def eval_lanes(positions, batch_size, time_size):
-    """How many lanes `eval_batches` uses: at most `batch_size`, and few enough that each holds a block.
+def eval_layout(positions, batch_size, time_size):
+    """(lanes, lane length) of an evaluation: at most `batch_size` lanes, each holding at least one block
+    and none empty.
 
     More lanes than positions // time_size would pad most lanes (and, past the positions, give every
     token a lane of its own), costing memory and context for nothing.
     """
-    return max(1, min(batch_size, positions // time_size))
+    lane = math.ceil(positions / max(1, min(batch_size, positions // time_size)))
+    return math.ceil(positions / lane), lane
+
+
+def eval_lanes(positions, batch_size, time_size):
+    """How many lanes `eval_batches` uses for these sizes."""
+    return eval_layout(positions, batch_size, time_size)[0]
 
 
 def eval_batches(ids, batch_size, time_size):
     """Yield (xs, ts, count): int32 (B, T) blocks covering every prediction of `ids` once.
 
-    The N - 1 predictions are cut into B = eval_lanes(N - 1, batch_size, time_size) contiguous lanes of
-    ceil((N - 1) / B) positions; the last lane's missing positions are padded with IGNORE targets.
+    The N - 1 predictions are cut into B contiguous lanes of ceil((N - 1) / B) positions (B from
+    `eval_layout`); the last lane's missing positions are padded with IGNORE targets.
     """
     ids = np.asarray(ids)
     positions = len(ids) - 1
     if positions < 1:
         raise DataError(f"a split needs at least 2 tokens to be evaluated, it has {len(ids)}")
-    B = eval_lanes(positions, batch_size, time_size)
-    lane = math.ceil(positions / B)
+    B, lane = eval_layout(positions, batch_size, time_size)
     steps = math.ceil(lane / time_size)
     width = steps * time_size
     xs = np.zeros((B, width), np.int32)

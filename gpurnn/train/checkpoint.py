@@ -77,7 +77,7 @@ def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
     vocab = list(vocab)
     meta_json = json.dumps(meta, allow_nan=False)
     try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["meta"] = meta_json

@@ -22,10 +22,9 @@ from .trainer import TrainConfig, Trainer
 # The textbook's chapter-5 run on its 1,000-word sample: SimpleRnnlm D = H = 100, SGD lr 0.1.
 DEMO_DEFAULTS = {"batch_size": 10, "time_size": 5, "lr": 0.1, "epochs": 100, "optimizer": "sgd"}
 CORPUS_DEFAULTS = {"batch_size": 20, "time_size": 35, "lr": 0.1, "epochs": 1, "optimizer": "sgd"}
-# Options a resumed run may change (how long, how often, and the schedule from here on: a given --lr
+# Options a resumed run may change (how long, how often, and the schedule from here on: a new --lr
 # replaces the checkpoint's current, possibly decayed, rate); any other explicit option must match.
 RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip"}
-SCHEDULE = ("lr", "lr_decay", "clip")  # changed on resume only with a note saying so
 # Layer options whose values are checked when a model config is read (plugins check their own others).
 POSITIVE_INT_OPTIONS = ("size", "hidden_size", "output_size")
 PROBABILITY_OPTIONS = ("p",)
@@ -162,20 +161,28 @@ def _prepare_job(corpus_path, specs, options, explicit, backend, registry, check
         trainer.restore(saved)
         for line in schedule_changes(saved, config, explicit):
             on_note(line)
-        if "lr" in explicit:
+        if "lr" in explicit and config.lr != saved.meta["config"]["lr"]:
             trainer.optimizer.lr = config.lr
     return trainer, corpus
 
 
 def schedule_changes(saved, config, explicit):
-    """One line per schedule value an explicit option replaces on resume ("lr 0.025 from the checkpoint -> 0.1")."""
-    current = {**saved.meta["config"], "lr": saved.meta["trainer"]["lr"]}
-    for key in SCHEDULE:
-        new = getattr(config, key)
-        if key in explicit and current.get(key) != new:
-            old = "none" if current.get(key) is None else f"{current.get(key):g}"
-            yield (f"resume: {key.replace('_', '-')} {old} from the checkpoint -> {new:g} "
-                   f"(--{key.replace('_', '-')})")
+    """One line per schedule value (lr, lr decay, clip) an explicit option replaces on resume.
+
+    The run's own --lr repeated (the same command run again) keeps the checkpoint's current, possibly
+    decayed, rate, and says so; any other value replaces it ("lr 0.25 from the checkpoint -> 0.001").
+    """
+    before = saved.meta["config"]
+    current = saved.meta["trainer"]["lr"]
+    if "lr" in explicit and config.lr == before["lr"] and current != config.lr:
+        yield f"resume: lr {current:g} from the checkpoint is kept (decayed from --lr {config.lr:g})"
+    elif "lr" in explicit and config.lr != before["lr"]:
+        yield f"resume: lr {current:g} from the checkpoint -> {config.lr:g} (--lr)"
+    for key in ("lr_decay", "clip"):
+        old, new = before.get(key), getattr(config, key)
+        if key in explicit and old != new:
+            flag = key.replace("_", "-")
+            yield f"resume: {flag} {'none' if old is None else f'{old:g}'} from the checkpoint -> {new:g} (--{flag})"
 
 
 def check_vocab(saved, corpus):

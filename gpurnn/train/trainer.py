@@ -9,7 +9,8 @@ so a resumed run ends bit-identical to an uninterrupted one on NumPy, after any 
 
 Stopping: SIGINT (Ctrl-C), SIGTERM (kill, batch schedulers, docker stop) and SIGHUP end the current
 iteration, save a checkpoint and raise Interrupted (exit status 128 + the signal's number); a second
-signal stops at once without saving (after a save in progress completes). A checkpoint is only ever
+signal stops at once without saving (after a save in progress completes), and one that comes after
+the checkpoint is saved is ignored. A checkpoint is only ever
 written from finite parameters, so "the last good checkpoint" is always good.
 """
 
@@ -104,17 +105,24 @@ class Trainer:
     def run(self):
         """Train to `total_iters` and save; on a stop signal save a checkpoint and raise Interrupted."""
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
+        interrupted = False
         try:
             try:
                 with np.errstate(over="ignore", invalid="ignore"):  # caught as a non-finite loss instead
                     self._loop()
             except Interrupted as exc:
-                exc.signum = self._stop_signal
+                # The checkpoint is saved and the process is ending: another stop signal is ignored, so
+                # it cannot break the caller's wind-down or the interpreter's exit (which would end with
+                # a traceback or killed by the signal). A caller that goes on restores the handlers.
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, signal.SIG_IGN)
+                interrupted, exc.signum = True, self._stop_signal
                 raise
             self.save()  # a signal during this last save changes nothing: the run is complete
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            if not interrupted:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
             self.release_lock()
 
     def release_lock(self):
@@ -131,10 +139,10 @@ class Trainer:
 
     def _abort(self, signum):
         """Stop at once without saving: the checkpoint on disk stays the last one written, complete."""
-        kept = (f"; the checkpoint of iteration {self.saved_iteration} is kept"
+        kept = (f"; the checkpoint on disk is from iteration {self.saved_iteration}"
                 if self.saved_iteration is not None else "")
         sys.stdout.flush()
-        sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopped without saving{kept}\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopped at once{kept}\n")
         sys.stderr.flush()
         self.release_lock()
         os._exit(128 + signum)
