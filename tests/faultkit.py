@@ -19,10 +19,13 @@ import pytest
 from gpurnn.cli import main
 from gpurnn.train.checkpoint import load_checkpoint, verify_checkpoint
 
+from .conftest import make_small_corpus
+
 TINY = ["--hidden-size", "8", "--wordvec-size", "8"]
 # A schedule whose learning rate decays during the run (lr 1.0 overfits the small corpus quickly).
 DECAYING = ["--batch-size", "4", "--time-size", "5", "--lr", "1.0", "--lr-decay", "0.5", "--eval-every", "7",
             "--clip", "5"]
+SMALL_RUN = [*TINY, *DECAYING, "--quiet"]
 
 
 def cli(*args):
@@ -31,6 +34,14 @@ def cli(*args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["--backend", "numpy", *map(str, args)])
     return code, out.getvalue(), err.getvalue()
+
+
+def train_small(folder):
+    """A small corpus in `folder` and a checkpoint trained on it for 40 iterations (its lr decayed)."""
+    corpus, ck = make_small_corpus(folder), folder / "ck.h5"
+    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--checkpoint", ck)
+    assert code == 0, err
+    return corpus, ck
 
 
 def start(*args, env=None):

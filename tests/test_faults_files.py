@@ -12,20 +12,14 @@ from hypothesis import strategies as st
 
 from gpurnn.data import open_corpus
 
-from .conftest import make_small_corpus
-from .faultkit import (TINY, assert_good_checkpoint, assert_one_line_error, cli, litter, mount_tmpfs, unmount,
-                       unused_pid)
-
-SMALL_RUN = [*TINY, "--batch-size", "4", "--time-size", "5", "--quiet"]
+from .faultkit import (SMALL_RUN, assert_good_checkpoint, assert_one_line_error, cli, litter, mount_tmpfs,
+                       train_small, unmount, unused_pid)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small corpus, a checkpoint trained on it, and the checkpoint's test perplexity as eval --json prints it."""
-    folder = tmp_path_factory.mktemp("trained")
-    corpus, ck = make_small_corpus(folder), folder / "ck.h5"
-    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 30, "--checkpoint", ck)
-    assert code == 0, err
+    corpus, ck = train_small(tmp_path_factory.mktemp("trained"))
     code, out, err = cli("eval", ck, corpus, "--json")
     assert code == 0, err
     return corpus, ck, out
@@ -73,11 +67,13 @@ def test_a_full_disk_ends_with_the_cause_and_keeps_the_previous_checkpoint(tmp_p
     ck.write_bytes(reference.read_bytes())
     fill(full_disk)
     before = ck.read_bytes()
-    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--save-every", 1, "--checkpoint", ck,
+    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 50, "--save-every", 1, "--checkpoint", ck,
                        "--resume")
+    note, err = err.splitlines(keepends=True)  # the note says the decayed lr is kept
+    assert note.startswith("resume: lr 0.5 from the checkpoint is kept")
     assert_one_line_error(code, err, f"cannot write checkpoint {ck}: No space left on device",
-                          "the last good checkpoint (iteration 30) is kept")
-    assert ck.read_bytes() == before and assert_good_checkpoint(ck) == 30
+                          "the last good checkpoint (iteration 40) is kept")
+    assert ck.read_bytes() == before and assert_good_checkpoint(ck) == 40
     code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--metrics", full_disk / "m.jsonl")
     assert_one_line_error(code, err, f"cannot write metrics to {full_disk / 'm.jsonl'}: No space left on device")
     folder = corpus.parent

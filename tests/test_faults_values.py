@@ -17,20 +17,14 @@ from gpurnn.train.job import prepare_job
 from gpurnn.train.metrics import MetricsLog
 from gpurnn.train.trainer import TrainingDiverged
 
-from .conftest import make_small_corpus
-from .faultkit import DECAYING, TINY, assert_good_checkpoint, assert_no_traceback, assert_one_line_error, cli
-
-SMALL_RUN = [*TINY, *DECAYING, "--quiet"]
+from .faultkit import (SMALL_RUN, TINY, assert_good_checkpoint, assert_no_traceback, assert_one_line_error, cli,
+                       train_small)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small corpus and a checkpoint trained on it for 40 iterations with a decaying schedule."""
-    folder = tmp_path_factory.mktemp("values")
-    corpus, ck = make_small_corpus(folder), folder / "ck.h5"
-    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--checkpoint", ck)
-    assert code == 0, err
-    return corpus, ck
+    return train_small(tmp_path_factory.mktemp("values"))
 
 
 def copy(path, tmp_path):

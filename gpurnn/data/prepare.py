@@ -93,7 +93,7 @@ def write_split(file, name, path, vocab, level, counts=None):
 def has_text_tokens(tokens, level):
     """Whether a batch of tokens holds more than line ends and whitespace."""
     if level == "char":
-        return not tokens.isspace() if tokens else False
+        return bool(tokens) and not tokens.isspace()
     return any(token != EOS for token in tokens)
 
 

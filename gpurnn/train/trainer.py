@@ -10,8 +10,8 @@ so a resumed run ends bit-identical to an uninterrupted one on NumPy, after any 
 Stopping: SIGINT (Ctrl-C), SIGTERM (kill, batch schedulers, docker stop) and SIGHUP end the current
 iteration, save a checkpoint and raise Interrupted (exit status 128 + the signal's number); a second
 signal stops at once without saving (after a save in progress completes), and one that comes after
-the checkpoint is saved is ignored. A checkpoint is only ever
-written from finite parameters, so "the last good checkpoint" is always good.
+the checkpoint is saved is ignored. A checkpoint is only ever written from finite parameters, so "the
+last good checkpoint" is always good.
 """
 
 import math
