@@ -567,13 +567,26 @@ extern "C" __global__ void softmax_backward(const T* x, const int* t, int ignore
 """
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(rows, cols, dtype):
+    """A (rows, cols) work array of this thread's, reused from call to call (it stays in cache)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < rows * cols or buf.dtype != dtype:
+        buf = _SCRATCH.buf = np.empty(rows * cols, dtype)
+    return buf[:rows * cols].reshape(rows, cols)
+
+
 def softmax_cross_entropy(x2, t, ignore, buffer):
     """Mean cross-entropy of the rows of x2 (N, V) against targets t (N,), skipping `ignore` targets.
 
     Returns (loss, cache): loss a 0-d array on the device (nothing waits for the GPU), cache what
     `softmax_cross_entropy_backward` needs. x2 is never modified. NumPy: per cache-sized block of
     rows, max, exp and row sums while the block is in cache, exp kept in `buffer` (N, V) for the
-    backward. CuPy: one kernel per row computes log-sum-exp and the row's loss, one sums them.
+    backward; with `buffer` None (evaluation: no backward) each block works in a scratch array of
+    its thread's, so nothing of size N x V is written at all. CuPy: one kernel per row computes
+    log-sum-exp and the row's loss, one sums them.
     """
     xp = array_module(x2)
     n = x2.shape[0]
@@ -585,7 +598,7 @@ def softmax_cross_entropy(x2, t, ignore, buffer):
         rows = np.arange(n)
 
         def block(lo, hi):
-            eb = buffer[lo:hi]
+            eb = buffer[lo:hi] if buffer is not None else _scratch(hi - lo, x2.shape[1], x2.dtype)
             np.subtract(x2[lo:hi], x2[lo:hi].max(axis=1, keepdims=True), out=eb)
             picked = eb[rows[: hi - lo], target[lo:hi]]  # x[t] - max, read before exp overwrites it
             np.exp(eb, out=eb)

@@ -25,11 +25,12 @@ class TimeSoftmaxWithLoss(Layer):
     def forward(self, x, t):
         """Stable and fused (see `gpurnn.ops.softmax_cross_entropy`); the input is not modified.
 
-        Returns the mean loss as a 0-d array on the device: nothing here waits for the GPU.
+        Returns the mean loss as a 0-d array on the device: nothing here waits for the GPU. In
+        evaluation mode nothing is kept for a backward (no N x V buffer is written).
         """
         x2 = x.reshape(-1, x.shape[-1])
-        loss, self.cache = softmax_cross_entropy(x2, t.reshape(-1), self.ignore_index,
-                                                 self._work_buffer(x2.shape, x2.dtype))
+        buffer = self._work_buffer(x2.shape, x2.dtype) if self.training else None
+        loss, self.cache = softmax_cross_entropy(x2, t.reshape(-1), self.ignore_index, buffer)
         self.shape = x.shape
         return loss
 

@@ -71,6 +71,14 @@ def test_softmax_cross_entropy_and_its_gradient_skip_ignored_targets():
     np.testing.assert_allclose(dx, ref, rtol=1e-10, atol=1e-15)
 
 
+def test_softmax_cross_entropy_without_a_backward_buffer_gives_the_same_loss():
+    x = RNG.standard_normal((70, 50)).astype(np.float32)
+    t = RNG.integers(0, 50, 70)
+    with_buffer, _ = ops.softmax_cross_entropy(x, t, -1, np.empty_like(x))
+    without, _ = ops.softmax_cross_entropy(x, t, -1, None)
+    assert float(without) == float(with_buffer)
+
+
 def mix32(x):
     """The kernel's hash written with Python integers, as the CUDA source states it."""
     x &= 0xFFFFFFFF
