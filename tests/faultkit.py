@@ -93,7 +93,7 @@ def assert_same_run(a, b):
         assert getattr(a, group).keys() == getattr(b, group).keys()
         for k in getattr(a, group):
             np.testing.assert_array_equal(getattr(a, group)[k], getattr(b, group)[k], err_msg=f"{group} {k}")
-    for key in ("trainer", "stream", "optimizer_scalars", "generator"):
+    for key in ("trainer", "stream", "optimizer_scalars"):
         assert a.meta.get(key) == b.meta.get(key), key
 
 
