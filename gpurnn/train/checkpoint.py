@@ -149,7 +149,7 @@ def verify_checkpoint(checkpoint):
     lr = meta["trainer"]["lr"]
     if not math.isfinite(lr) or lr <= 0:
         raise CheckpointError(f"{path}: its learning rate {lr!r} is not a finite positive number")
-    for group in ("params", "state"):
+    for group in ("params", "optimizer_arrays", "state"):
         for name, value in getattr(checkpoint, group).items():
             if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 raise CheckpointError(f"{path}: {group} {name!r} holds NaN or infinite values; "
