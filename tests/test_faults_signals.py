@@ -74,9 +74,10 @@ def test_a_double_ctrl_c_exits_130_at_once_with_one_line(tmp_path, job, in_save)
     assert_no_traceback(err)
     lines = err.strip().splitlines()
     assert all(line.startswith(("interrupted at iteration", "SIGINT again: stopped at once")) for line in lines)
-    if in_save:  # the second Ctrl-C came during the save of the first: the save completed, then it stopped
-        assert lines == ["SIGINT again: stopped at once; the checkpoint on disk is from iteration 5"], err
-    if ck.exists():
+    if in_save:  # the second Ctrl-C came during a save: the save completed, then it stopped
+        assert len(lines) == 1 and lines[0].startswith("SIGINT again: stopped at once; the checkpoint on disk"), err
+        assert lines[0].endswith(f"is from iteration {assert_good_checkpoint(ck)}")
+    elif ck.exists():
         assert_good_checkpoint(ck)
     assert litter(tmp_path) == []
 
@@ -89,12 +90,14 @@ def test_kill_9_anywhere_then_resume_ends_bit_identical(tmp_path, job):
     ck, metrics = tmp_path / "ck.h5", tmp_path / "m.jsonl"
     rng = np.random.default_rng(15)
     killed_in_save = 0
-    for k in range(8):
+    for k in range(16):  # 8 kills, more while none has landed inside a save
+        if k >= 8 and killed_in_save:
+            break
         resume = ["--resume"] if ck.exists() else []
         in_save = k % 2 == 1
         metrics.unlink(missing_ok=True)
         proc = start(*args, "--checkpoint", ck, "--metrics", metrics, "--log-every", 1, "--save-every", 3, *resume,
-                     env={PAUSE_ENV: "0.05"} if in_save else {})
+                     env={PAUSE_ENV: "0.2"} if in_save else {})
         wait_for_lines(metrics, 1, proc)
         time.sleep(rng.uniform(0, 0.2))
         proc.kill()
