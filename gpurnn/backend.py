@@ -162,12 +162,19 @@ class Backend:
         return self.xp.random.default_rng(seed)
 
     def generator_state(self, generator):
-        """The generator's state as a JSON-able dict (NumPy), or None where it cannot be saved (CuPy)."""
-        return generator.bit_generator.state if self.xp is np else None
+        """The generator's state as a JSON-able dict (NumPy), or None where it cannot be saved (CuPy).
+
+        PCG64's 128-bit integers are written as decimal strings, which every JSON reader keeps exactly.
+        """
+        if self.xp is not np:
+            return None
+        state = generator.bit_generator.state
+        return {**state, "state": {k: str(v) for k, v in state["state"].items()}}
 
     def set_generator_state(self, generator, state):
+        """Restore a state from `generator_state` (its integers as strings or, in older files, numbers)."""
         if state is not None and self.xp is np:
-            generator.bit_generator.state = state
+            generator.bit_generator.state = {**state, "state": {k: int(v) for k, v in state["state"].items()}}
 
     def synchronize(self):
         """Wait for all queued device work (needed before reading a wall clock on the GPU)."""

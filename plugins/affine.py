@@ -14,6 +14,7 @@ B*T x O output, which is the model's largest array. A tied affine adds its bias 
 import numpy as np
 
 from gpurnn.backend import for_row_blocks
+from gpurnn.contract import ParamLayout
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, column_sums, init_matrix, require_input_size
@@ -21,6 +22,10 @@ from gpurnn.layers import Layer, column_sums, init_matrix, require_input_size
 
 class TimeAffine(Layer):
     """Dense projection at every time step; output size defaults to the vocabulary (logits)."""
+
+    param_layout = {"W": ParamLayout("x @ W + b", "input, output"),
+                    "b": ParamLayout("x @ W + b (tied: W is the tie_to layer's W transposed, not stored here)",
+                                     "output")}
 
     def __init__(self, ctx, output_size=None, init="default", tie_to=None):
         super().__init__(ctx)

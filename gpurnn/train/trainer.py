@@ -4,7 +4,7 @@ One iteration: next (xs, ts) block from the stream -> forward (the hidden state 
 previous block) -> backward -> optional gradient-norm clipping -> optimizer step. The loss stays on the
 device; it is read back only when a window of iterations is logged, which is also where a non-finite
 loss is caught. Everything that decides the next parameters (params, optimizer, stream position,
-hidden state, random generator, learning rate, best validation perplexity) is saved in checkpoints,
+hidden state, dropout generator, learning rate, best validation perplexity) is saved in checkpoints,
 so a resumed run ends bit-identical to an uninterrupted one on NumPy.
 """
 
@@ -159,6 +159,7 @@ class Trainer:
         meta = {
             **self.extra_meta,
             "specs": self.model.specs,
+            "layer_types": self.model.layer_sources,
             "vocab_size": self.model.vocab_size,
             "config": asdict(self.config),
             "trainer": {"iteration": self.iteration, "best_valid": _json_float(self.best_valid),
@@ -172,7 +173,7 @@ class Trainer:
                         params={k: backend.to_host(v) for k, v in self.model.params.items()},
                         optimizer_arrays=arrays,
                         state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
-                        vocab=self.vocab, meta=meta)
+                        vocab=self.vocab, meta=meta, layouts=self.model.param_layouts())
         self.saved_iteration = self.iteration
 
     def restore(self, checkpoint):
@@ -184,7 +185,7 @@ class Trainer:
         self.optimizer.lr = meta["trainer"]["lr"]
         model.set_state({k: backend.asarray(v) for k, v in checkpoint.state.items()})
         self.stream.load_state_dict(meta["stream"])
-        backend.set_generator_state(model.generator, meta["generator"])
+        backend.set_generator_state(model.generator, meta.get("generator"))
         self.iteration = meta["trainer"]["iteration"]
         self.best_valid = _from_json_float(meta["trainer"]["best_valid"])
         self.saved_iteration = self.iteration
