@@ -125,3 +125,9 @@ def test_a_plugin_loaded_by_path_is_named_when_it_is_missing(capsys, tmp_path, s
     code, _, err = run(capsys, "eval", ck, small_corpus)
     assert code == 2 and f"it came from the plugin '{plugin}', which is not loaded; pass --plugin {plugin}" in err
     assert run(capsys, "--plugin", plugin, "eval", ck, small_corpus)[0] == 0
+
+
+def test_the_plugin_guide_shows_the_example_package_verbatim():
+    guide = (Path(__file__).parents[1] / "docs" / "plugin-guide.md").read_text()
+    for name in (f"{MODULE}.py", "tests/test_example_layers.py", "pyproject.toml"):
+        assert (PACKAGE / name).read_text() in guide, name
