@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU machine (CuPy installed there, no package registry):
+# One command for a machine with a CUDA GPU (CuPy installed there, possibly no package registry):
 # install gpurnn without dependencies, run the test suite (the CuPy parity checks run where a device
 # is usable), then time the simple-rnnlm training step on NumPy and CuPy. Prints a compact summary.
 # Usage: bash scripts/gpu_check.sh   (writes JSON to $OUT when that is set)

@@ -87,6 +87,7 @@ def test_an_installed_plugin_distribution_end_to_end(installed, capsys, tmp_path
     code, out, _ = run(capsys, "plugins", "--json")
     rows = {row["type"]: row for row in json.loads(out)}
     assert rows["relu_rnn"]["plugin"] == MODULE and rows["residual"]["plugin"] == MODULE
+    assert (rows["relu_rnn"]["distribution"], rows["relu_rnn"]["version"]) == ("gpurnn-example-layers", "0.1.0")
     assert rows["relu_rnn"]["description"].startswith("Elman RNN with ReLU")
 
     ck, perplexities = train(capsys, tmp_path, small_corpus)
