@@ -7,7 +7,8 @@ written in `gpurnn.contract`.
 `check_layer` builds the layer in float64 and checks, in this order: output shape and dtype; for
 stateful layers the truncated-BPTT semantics (`reset_state` starts afresh like a newly built layer,
 two blocks equal one long block, a repeated block sees the carried state); that forward and backward
-leave their arguments unmodified; that non-contiguous inputs give the numbers contiguous ones give;
+leave their arguments unmodified; that backward writes the gradients rather than adding to them;
+that non-contiguous inputs give the numbers contiguous ones give;
 every parameter's and the input's gradient against central differences (the gradient of a block
 treating the carried state as a constant); that the layer built in float32 gives the float64
 outputs and gradients within `F32_TOL`; and where CuPy is usable that CuPy gives NumPy's numbers.
@@ -185,6 +186,7 @@ def check_layer(layer_type, options=None, *, plugins=(), registry=None, vocab_si
         fresh, _ = build_checked_layer(registry, layer_type, options, backend, vocab_size, input_size, seed)
         check_stateful(probe, x1, x2, fresh)
     check_inputs_unmodified(probe)
+    check_grads_written(probe)
     check_noncontiguous(probe)
     if layer.stateful:
         layer.reset_state()
@@ -244,13 +246,14 @@ def noncontiguous(xp, a):
     return wide[..., ::2]
 
 
-def check_noncontiguous(probe, rtol=1e-10):
-    """Non-contiguous x, targets and dout give the outputs and gradients contiguous ones give."""
+def forward_backward_twice(probe, second):
+    """(output, input gradient, grads) on the host for block 0 run twice from a fresh state, the
+    second time with every array passed through `second`; the generator is rewound before each."""
     layer, host, xp = probe.layer, probe.host, probe.backend.xp
     rewind = rewinder(probe.ctx.generator)
     x, t = probe.block(0), probe.t
     results = []
-    for make in (lambda a: a, lambda a: noncontiguous(xp, a)):
+    for make in (lambda a: a, second):
         if layer.stateful:
             layer.reset_state()
         rewind()
@@ -261,7 +264,23 @@ def check_noncontiguous(probe, rtol=1e-10):
             out = layer.forward(make(x))
             dx = layer.backward(make(probe.weights if probe.weights is not None else xp.ones(out.shape, out.dtype)))
         results.append((host(out), host(dx), {k: host(v) for k, v in layer.grads.items()}))
-    (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = results
+    return results
+
+
+def check_grads_written(probe):
+    """A second forward and backward on the same block give the same gradients: backward writes
+    grads rather than adding to them (nothing zeroes them between iterations)."""
+    (_, _, grads_a), (_, _, grads_b) = forward_backward_twice(probe, lambda a: a)
+    for k in grads_a:
+        _check(np.array_equal(grads_a[k], grads_b[k]),
+               f"a second backward on the same block gives another gradient of {k!r}: backward must write "
+               f"grads[{k!r}], not add to it (nothing zeroes gradients between iterations)")
+
+
+def check_noncontiguous(probe, rtol=1e-10):
+    """Non-contiguous x, targets and dout give the outputs and gradients contiguous ones give."""
+    xp = probe.backend.xp
+    (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = forward_backward_twice(probe, lambda a: noncontiguous(xp, a))
 
     def close(a, b):
         return (a is None and b is None) or (a is not None and b is not None and np.allclose(a, b, rtol=rtol, atol=0))

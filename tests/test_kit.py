@@ -67,6 +67,23 @@ class Cancels(Tanh):
         return dout.copy()
 
 
+class Accumulates(Layer):
+    """y = x * s with a learned per-feature s whose gradient is added to, not written."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.output_size = require_input_size(ctx, "accumulates")
+        self.add_param("s", np.ones(self.output_size))
+
+    def forward(self, x):
+        self.x = x
+        return x * self.params["s"]
+
+    def backward(self, dout):
+        self.grads["s"] += (dout * self.x).reshape(-1, self.output_size).sum(axis=0)
+        return dout * self.params["s"]
+
+
 class NoReset(RecurrentLayer):
     """An Elman RNN whose reset_state() does nothing."""
 
@@ -110,7 +127,7 @@ class NoCarry(NoReset):
 def gpurnn_layer_types():
     return {"tanh": Tanh, "tanh_in_place": TanhInPlace, "dout_in_place": DoutInPlace,
             "assumes_contiguous": AssumesContiguous, "cancels": Cancels, "no_reset": NoReset,
-            "no_carry": NoCarry}
+            "no_carry": NoCarry, "accumulates": Accumulates}
 '''
 
 
@@ -128,6 +145,7 @@ KIT_MESSAGES = {
     "cancels": "in float32 forward's output differs from float64: relative error",
     "no_reset": "the state was never reset",
     "no_carry": "the state is not carried from one forward to the next",
+    "accumulates": r"backward must write grads\['s'\], not add to it",
 }
 
 
