@@ -8,6 +8,7 @@ that keeps it (and `RecurrentLayer` the stateful part); a plugin may use them or
 Arrays are NumPy or CuPy arrays of the backend's float dtype, time layers take and return (B, T, ...):
 
     layer = cls(ctx, **options)      # ctx: gpurnn.layers.LayerContext; options: the spec's other keys
+    layer.adopt_buffers(p, g)        # the model moves params and grads into its flat buffers
     y = layer.forward(x)             # x (B, T, D) floats, or (B, T) int token ids if takes_ids
     dx = layer.backward(dy)          # writes every grads[k]; returns d loss / d x (None if takes_ids)
     loss = layer.forward(x, t)       # loss layers (is_loss): a 0-d array; backward(dout=1.0)
@@ -72,6 +73,11 @@ class LayerContract(Protocol):
     def backward(self, dout: Array) -> Array | None:
         """Write every parameter's gradient into grads; return the input's gradient."""
 
+    def adopt_buffers(self, param_block: Array, grad_block: Array) -> None:
+        """Move the parameters (values copied) and gradients into these 1-D blocks of the model's flat
+        buffers, in `params` order; `params` and `grads` then hold views into them. Read parameters
+        from `params` when used, never from references kept at construction."""
+
 
 @runtime_checkable
 class StatefulLayerContract(LayerContract, Protocol):
@@ -93,6 +99,6 @@ def contract_methods(protocol):
                  if callable(value) and not name.startswith("_"))
 
 
-LAYER_METHODS = contract_methods(LayerContract)  # ("forward", "backward")
+LAYER_METHODS = contract_methods(LayerContract)  # ("forward", "backward", "adopt_buffers")
 STATEFUL_METHODS = contract_methods(StatefulLayerContract)  # ("reset_state", "get_state", "set_state")
 GENERIC_LAYOUT = ParamLayout(role="parameter of a plugin layer that declares no layout", axes="")

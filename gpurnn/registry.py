@@ -175,7 +175,7 @@ def check_layer_class(name, cls, plugin):
     methods = LAYER_METHODS + (STATEFUL_METHODS if getattr(cls, "stateful", False) else ())
     for method in methods:
         impl = getattr(cls, method, None)
-        if not callable(impl) or impl is getattr(Layer, method, None):
+        if not callable(impl) or impl in (Layer.forward, Layer.backward):  # the base's placeholders
             kind = "stateful layer type" if method in STATEFUL_METHODS else "layer type"
             raise PluginError(f"plugin {plugin!r}: {kind} {name!r} has no {method}() method")
 

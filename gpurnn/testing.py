@@ -8,13 +8,14 @@ written in `gpurnn.contract`.
 stateful layers the truncated-BPTT semantics (`reset_state` starts afresh like a newly built layer,
 two blocks equal one long block, a repeated block sees the carried state); that forward and backward
 leave their arguments unmodified; that backward writes the gradients rather than adding to them;
-that non-contiguous inputs give the numbers contiguous ones give;
-every parameter's and the input's gradient against central differences (the gradient of a block
-treating the carried state as a constant); that the layer built in float32 gives the float64
-outputs and gradients within `F32_TOL`; and where CuPy is usable that CuPy gives NumPy's numbers.
-Layers that sample while training (dropout) are checked in training mode with the generator rewound
-before every evaluation, so each sees the same mask and the check is that of the masked function
-(the float32 and CuPy comparisons run in evaluation mode: the draws depend on dtype and device).
+that non-contiguous inputs give the numbers contiguous ones give; every parameter's and the input's
+gradient against central differences (the gradient of a block treating the carried state as a
+constant); that the layer built in float32 gives the float64 outputs and gradients within `F32_TOL`;
+and where CuPy is usable that CuPy gives NumPy's numbers.
+The layer is checked the way a model holds it: its parameters moved into flat buffers
+(`Layer.adopt_buffers`), so a layer that kept references to its old arrays fails the gradient check.
+Layers that sample while training (dropout) draw from (seed, step, layer) alone, so every evaluation
+sees the same mask: the checks are those of the masked function.
 Failures raise `ConformanceError` (an AssertionError) saying what broke.
 """
 
@@ -53,24 +54,6 @@ def numerical_gradient(f, array, eps=EPS):
         flat[i] = old
         grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
     return grad
-
-
-def rewinder(generator):
-    """A function that puts `generator` back to its present state.
-
-    A gradient check evaluates the same function many times; rewinding the generator before each
-    evaluation gives every one the same random draws (the same dropout mask). Only NumPy generators
-    can be rewound (CuPy's state cannot be saved): for others this does nothing, so check models
-    with sampling layers on NumPy, or on CuPy in evaluation mode.
-    """
-    if not isinstance(generator, np.random.Generator):
-        return lambda: None
-    state = generator.bit_generator.state
-
-    def rewind():
-        generator.bit_generator.state = state
-
-    return rewind
 
 
 def _check(condition, message):
@@ -119,8 +102,11 @@ class _Probe:
 
 
 def build_checked_layer(registry, layer_type, options, backend, vocab_size, input_size, seed):
-    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size, backend.generator(seed))
+    """The layer built as a model builds it, its parameters moved into fresh flat buffers."""
+    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size, seed=seed)
     layer = registry.build_layer({"type": layer_type, **(options or {})}, ctx)
+    size = sum(p.size for p in layer.params.values())
+    layer.adopt_buffers(backend.xp.empty(size, backend.dtype), backend.xp.zeros(size, backend.dtype))
     if layer.is_loss:
         ctx.input_size = vocab_size
     return layer, ctx
@@ -133,10 +119,8 @@ def gradient_errors(probe, x, state=None):
     gradient with the state held constant: truncated BPTT.
     """
     layer = probe.layer
-    rewind = rewinder(probe.ctx.generator)
 
     def f():
-        rewind()
         if state is not None:
             layer.set_state(state)
         return probe.scalar(x)
@@ -248,15 +232,13 @@ def noncontiguous(xp, a):
 
 def forward_backward_twice(probe, second):
     """(output, input gradient, grads) on the host for block 0 run twice from a fresh state, the
-    second time with every array passed through `second`; the generator is rewound before each."""
+    second time with every array passed through `second`."""
     layer, host, xp = probe.layer, probe.host, probe.backend.xp
-    rewind = rewinder(probe.ctx.generator)
     x, t = probe.block(0), probe.t
     results = []
     for make in (lambda a: a, second):
         if layer.stateful:
             layer.reset_state()
-        rewind()
         if layer.is_loss:
             out = layer.forward(make(x), make(t))
             dx = layer.backward(1.0)
@@ -319,17 +301,12 @@ def check_stateful(probe, x1, x2, fresh):
 def check_float32(registry, layer_type, options, vocab_size, input_size, seed, probe64, tol=F32_TOL):
     """The layer built in float32 (same seed, same inputs) gives float64's outputs and gradients within
     `tol` (relative to each array's largest entry); returns {"output", "<input>", params: error}.
-
-    Compared in evaluation mode, since what a layer samples while training may depend on the dtype.
+    In training mode: a dropout mask depends on (seed, step, layer) alone, not on the dtype.
     """
     f32 = get_backend("numpy", dtype="float32")
     probe32 = _Probe(*build_checked_layer(registry, layer_type, options, f32, vocab_size, input_size, seed),
                      *probe64.shape, seed)
-    probe64.layer.training = probe32.layer.training = False
-    try:
-        (outs_a, dx_a, grads_a), (outs_b, dx_b, grads_b) = run_blocks(probe64), run_blocks(probe32)
-    finally:
-        probe64.layer.training = True
+    (outs_a, dx_a, grads_a), (outs_b, dx_b, grads_b) = run_blocks(probe64), run_blocks(probe32)
     _check(all(o.dtype == np.float32 for o in outs_b if o.ndim),
            f"forward in float32 gave dtype {outs_b[-1].dtype}, expected float32")
     errors = {"output": max(relative_error(b, a) for a, b in zip(outs_a, outs_b))}
@@ -343,15 +320,11 @@ def check_float32(registry, layer_type, options, vocab_size, input_size, seed, p
 
 
 def check_cupy_parity(registry, layer_type, options, vocab_size, input_size, seed, np_probe, rtol=1e-6):
-    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients.
-
-    Compared in evaluation mode: NumPy's and CuPy's generators draw different numbers, so what a
-    layer samples while training (a dropout mask) cannot match between them.
-    """
+    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients
+    (in training mode: a dropout mask is the same on both)."""
     gpu = get_backend("cupy", dtype="float64")
     gpu_probe = _Probe(*build_checked_layer(registry, layer_type, options, gpu, vocab_size, input_size, seed),
                        *np_probe.shape, seed)
-    np_probe.layer.training = gpu_probe.layer.training = False
     (outs_a, dx_a, grads_a), (outs_b, dx_b, grads_b) = run_blocks(np_probe), run_blocks(gpu_probe)
 
     def close(a, b):
@@ -367,9 +340,9 @@ def check_model_gradients(model, blocks, tol=1e-5):
     """Gradient check of a whole float64 model on the last of consecutive (xs, ts) blocks.
 
     The earlier blocks only set the carried state, which each evaluation restores, so the check sees
-    truncated BPTT's gradient; the model's generator is rewound too, so a training-mode dropout mask
-    is the same in every evaluation (NumPy only, see `rewinder`). Returns {param name: relative error};
-    raises ConformanceError past `tol`.
+    truncated BPTT's gradient (a training-mode dropout mask depends only on the model's step counter,
+    the same in every evaluation). Returns {param name: relative error}; raises ConformanceError
+    past `tol`.
     """
     backend = model.backend
     model.reset_state()
@@ -377,10 +350,8 @@ def check_model_gradients(model, blocks, tol=1e-5):
         model.forward(xs, ts)
     state = {k: v.copy() for k, v in model.get_state().items()}
     xs, ts = blocks[-1]
-    rewind = rewinder(model.generator)
 
     def f():
-        rewind()
         model.set_state(state)
         return model.forward(xs, ts)
 

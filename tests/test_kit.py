@@ -175,7 +175,8 @@ def test_a_stateful_class_without_get_state_is_refused_by_the_registry(tmp_path)
     path = tmp_path / "half_stateful.py"
     path.write_text(textwrap.dedent('''
         from gpurnn.hookspecs import hookimpl
-        class Half:
+        from gpurnn.layers import Layer
+        class Half(Layer):
             stateful = True
             def forward(self, x): return x
             def backward(self, d): return d
