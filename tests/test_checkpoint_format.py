@@ -80,6 +80,9 @@ def test_files_record_version_dtype_layouts_and_no_generator_state(capsys, tmp_p
         assert "tie_to" in f["params/affine.b"].attrs["role"]
         meta = json.loads(f.attrs["meta"])
     assert set(meta["stream"]) == {"split", "tokens", "batch_size", "time_size", "iteration"}
+    documented = (Path(__file__).parents[1] / "docs" / "checkpoint-format.md").read_text()
+    for key in [*meta, *meta["config"], *meta["stream"], *meta["trainer"]]:
+        assert f"`{key}`" in documented, key
     assert meta["layer_types"]["gru"]["plugin"] == "gpurnn_plugins.gru"
     assert "generator" not in meta
     assert meta["corpus"] == "demo"
