@@ -29,8 +29,9 @@ def rng():
 def make_small_corpus(folder):
     """A prepared word corpus with train/valid/test splits from the first PTB lines (shipped demo text),
     in `folder`; returns its path."""
-    from gpurnn.data import prepare_corpus
     from importlib.resources import files
+
+    from gpurnn.data import prepare_corpus
     folder.mkdir(exist_ok=True)
     lines = files("gpurnn.data").joinpath("ptb_first_1000_words.txt").read_text().splitlines()
     for name, part in (("train", lines[:30]), ("valid", lines[30:37]), ("test", lines[37:])):

@@ -2,11 +2,12 @@
 
 The layout is documented in docs/checkpoint-format.md: /params, /optimizer and /state hold one
 dataset per array, /vocab the vocabulary, and a JSON `meta` attribute the model specs, options,
-counters and stream/generator state. The file is written under a temporary name in the same folder
-and renamed, so a checkpoint on disk is never half-written.
+counters and stream state. Each parameter dataset says what its axes mean in attributes, so the file
+can be read without gpurnn. The file is written under a temporary name in the same folder and
+renamed, so a checkpoint on disk is never half-written. Format 1 files (no layout attributes) load too.
 
 Integrity: every dataset carries HDF5's Fletcher-32 checksum, the file's own structure is checksummed
-(HDF5's latest format), and a SHA-256 of the `meta` JSON and the vocabulary is stored and checked at
+(HDF5's 1.10+ format), and a SHA-256 of the `meta` JSON and the vocabulary is stored and checked at
 load, so a damaged file is refused rather than silently used. `verify_checkpoint` also refuses
 missing metadata and non-finite parameters.
 """
@@ -14,6 +15,7 @@ missing metadata and non-finite parameters.
 import hashlib
 import json
 import math
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import h5py
@@ -23,7 +25,7 @@ from ..atomic import atomic_path, check_output_path, os_error_cause
 from ..errors import CheckpointError, GpurnnError
 
 FORMAT = "gpurnn-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DIGEST_ATTR = "sha256"  # of the meta JSON and the vocabulary, see `content_digest`
 # meta keys every checkpoint written by the trainer has, with their types
 REQUIRED_META = {"specs": list, "vocab_size": int, "config": dict, "trainer": dict,
@@ -66,8 +68,16 @@ def create_checked_dataset(group, name, value):
     group.create_dataset(name, data=value, fletcher32=value.ndim > 0 and value.size > 0)
 
 
-def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
-    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable.
+def gpurnn_version():
+    try:
+        return version("gpurnn")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta, layouts=None):
+    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable;
+    `layouts` maps parameter names to the attributes saying what their axes mean (`Model.param_layouts`).
 
     A write that fails (a full disk, a read-only folder) raises CheckpointError naming the file and the
     cause, and leaves any previous checkpoint as it was.
@@ -80,15 +90,25 @@ def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
         with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["gpurnn_version"] = gpurnn_version()
+            f.attrs["dtype"] = ",".join(sorted({np.asarray(v).dtype.name for v in params.values()}))
             f.attrs["meta"] = meta_json
             f.attrs[DIGEST_ATTR] = content_digest(meta_json, vocab)
             for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
                 g = f.create_group(group)
                 for name, value in arrays.items():
                     create_checked_dataset(g, name, value)
+            write_layouts(f["params"], layouts or {})
             f.create_dataset("vocab", data=np.array(vocab, dtype=h5py.string_dtype("utf-8")))
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {os_error_cause(exc)}") from None
+
+
+def write_layouts(group, layouts):
+    """Each parameter dataset's layout as string attributes (role, axes, gates, layer_type)."""
+    for name, attrs in layouts.items():
+        for key, value in attrs.items():
+            group[name].attrs[key] = value
 
 
 class Checkpoint:

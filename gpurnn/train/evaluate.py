@@ -10,6 +10,8 @@ little context at B - 1 lane starts.
 
 import math
 
+import numpy as np
+
 from ..data.stream import eval_batches, eval_lanes
 
 # The most logits (B x T x V) one evaluation block may hold: bounds memory whatever --batch-size says.
@@ -47,7 +49,7 @@ def perplexity(model, ids, batch_size=10, time_size=35, on_note=None):
     try:
         for xs, ts, count in eval_batches(ids, lanes, time_size):
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
-            total = total + loss * count  # stays on the device until the end
+            total = total + loss.astype(np.float64) * count  # float64, on the device until the end
             tokens += count
         mean = float(total) / tokens
     finally:

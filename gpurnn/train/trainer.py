@@ -258,6 +258,7 @@ class Trainer:
         meta = {
             **self.extra_meta,
             "specs": self.model.specs,
+            "layer_types": self.model.layer_sources,
             "vocab_size": self.model.vocab_size,
             "config": asdict(self.config),
             "trainer": {"iteration": self.iteration, "best_valid": _json_float(self.best_valid),
@@ -270,7 +271,7 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, params=params,
                             optimizer_arrays=arrays,
                             state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
-                            vocab=self.vocab, meta=meta)
+                            vocab=self.vocab, meta=meta, layouts=self.model.param_layouts())
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._kept()}") from None
         self.saved_iteration = self.iteration
