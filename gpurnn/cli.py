@@ -60,7 +60,7 @@ class SectionCommand(click.Command):
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
             if record:
-                section = RUN if param.name == "help" else getattr(param, "section", "Options")
+                section = RUN if param is self.get_help_option(ctx) else getattr(param, "section", "Options")
                 sections.setdefault(section, []).append(record)
         sections = {title: rows for title, rows in sections.items() if rows}
         for title, rows in sections.items():
@@ -388,7 +388,7 @@ def run_header(trainer, model_name, corpus, checkpoint):
 
 def train_with_progress(ctx, trainer, log, quiet, corpus):
     """Run the trainer with a progress display; the final summary line."""
-    from .train.progress import TrainingProgress
+    from .train.progress import TrainingProgress, fit_fields, is_terminal, terminal_width
     from .train.trainer import Interrupted
 
     cfg = trainer.config
@@ -396,11 +396,10 @@ def train_with_progress(ctx, trainer, log, quiet, corpus):
                                 tokens_per_iter=cfg.batch_size * cfg.time_size)
     trainer.on_step, trainer.on_eval = progress.on_step, progress.on_eval
     trainer.on_log = lambda record: (log(record), progress.on_log(record))
-    if not quiet:
-        click.echo(f"training {' -> '.join(s['type'] for s in trainer.model.specs)} on "
-                   f"{corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}): "
-                   f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g} "
-                   f"iterations {trainer.iteration}..{trainer.total_iters}", err=True)
+    progress.message([f"training {' -> '.join(s['type'] for s in trainer.model.specs)}",
+                      f"on {corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}):",
+                      f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g}",
+                      f"iterations {trainer.iteration}..{trainer.total_iters}"])
     try:
         trainer.run()
     except Interrupted as exc:
@@ -411,7 +410,8 @@ def train_with_progress(ctx, trainer, log, quiet, corpus):
         progress.close()
     last = log.records[-1] if log.records else {}
     summary = {k: last[k] for k in ("iteration", "epoch", "train_perplexity", "valid_perplexity") if k in last}
-    return " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    fields = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()]
+    return fit_fields(fields, terminal_width(sys.stdout) - 1) if is_terminal(sys.stdout) else " ".join(fields)
 
 
 def plot_current_run(log, path):

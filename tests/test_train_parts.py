@@ -198,6 +198,21 @@ def test_several_samples_side_by_side_and_stop_at_eos(registry, np64):
     assert any(3 in r for r in rows)
 
 
+def test_one_sample_draws_as_numpy_choice_does(registry, np64):
+    """One sample equals the plain loop: softmax of logits / temperature, then Generator.choice."""
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
+    [drawn] = sample(model, [0, 4], 25, temperature=0.7, seed=5)
+    rng, expected = np.random.default_rng(5), []
+    model.reset_state()
+    logits = model.predict(np.array([[0, 4]], np.int32))[0, -1]
+    for _ in range(25):
+        z = logits / 0.7
+        p = np.exp(z - z.max())
+        expected.append(int(rng.choice(5, p=p / p.sum())))
+        logits = model.predict(np.array([[expected[-1]]], np.int32))[0, -1]
+    assert drawn == expected
+
+
 def test_top_k_never_samples_outside_the_k_likeliest():
     from gpurnn.train.generate import next_tokens
     logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))

@@ -43,9 +43,11 @@ def next_tokens(logits, temperature, top_k, rng):
         return logits.argmax(axis=1)
     z = logits / temperature
     p = np.exp(z - z.max(axis=1, keepdims=True))
-    cumulative = np.cumsum(p, axis=1)
-    u = rng.random((len(p), 1)) * cumulative[:, -1:]
-    return np.minimum((cumulative < u).sum(axis=1), p.shape[1] - 1)
+    p /= p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    cdf /= cdf[:, -1:]
+    u = rng.random(len(p))  # as Generator.choice(V, p=row) draws, so one sample matches it
+    return np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)
 
 
 def sample(model, ids, length, temperature=1.0, top_k=None, seed=0, num_samples=1, stop_id=None):

@@ -73,7 +73,7 @@ def fit_fields(fields, width):
         if lines and len(lines[-1]) + 1 + len(field) <= width:
             lines[-1] += " " + field
         else:
-            lines.append(field)
+            lines.append(field.lstrip())
     return "\n".join(lines)
 
 
@@ -142,9 +142,14 @@ class TrainingProgress:
         return " ".join(parts)
 
     def on_log(self, record):
-        if self.quiet or (self.tty and record.get("valid_perplexity") is None):
+        if self.tty and record.get("valid_perplexity") is None:
             return
-        fields = log_fields(record)
+        self.message(log_fields(record))
+
+    def message(self, fields):
+        """Print a line made of `fields` (above the bar, broken between fields to fit a terminal)."""
+        if self.quiet:
+            return
         if self.bar is None:
             self.out.write(" ".join(fields) + "\n")
             self.out.flush()
