@@ -3,7 +3,7 @@
 Every problem a user can fix ends the program with one line on stderr and exit code 2 (no traceback;
 `--debug` or GPURNN_DEBUG=1 shows one); a usage error adds click's "Try 'gpurnn CMD -h' for help.".
 Every option can also come from an environment variable GPURNN_<COMMAND>_<OPTION> (GPURNN_BACKEND
-and GPURNN_PLUGIN for the group's), and `train --config FILE.toml` from a file.
+for the group's; plugins from GPURNN_PLUGINS), and `train --config FILE.toml` from a file.
 """
 
 import functools
@@ -82,7 +82,7 @@ def runtime_options(command):
     @option(RUN, "--backend", type=click.Choice(BACKEND_NAMES), default=None,
             show_default="the group's, $GPURNN_BACKEND or auto",
             help="Array backend: auto takes CuPy when a CUDA device is usable.")
-    @option(RUN, "--plugin", "plugins", multiple=True, metavar="MODULE", show_default=False,
+    @option(RUN, "--plugin", "plugins", multiple=True, metavar="MODULE", show_default=False, allow_from_autoenv=False,
             help="Load a layer plugin: a module name or a .py path (repeatable; also $GPURNN_PLUGINS).")
     @option(RUN, "--debug", is_flag=True, expose_value=False, help="Show tracebacks on errors.")
     @functools.wraps(command)
@@ -98,7 +98,7 @@ def runtime_options(command):
 @click.group(context_settings=CONTEXT)
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None, show_default="auto",
               help="Array backend: auto takes CuPy when a CUDA device is usable.")
-@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", show_default=False,
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", show_default=False, allow_from_autoenv=False,
               help="Load a layer plugin: a module name or a .py path (repeatable; also $GPURNN_PLUGINS).")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(package_name="gpurnn")
@@ -107,7 +107,8 @@ def cli(ctx, backend, plugins, debug):
     """gpurnn: readable recurrent language models on NumPy (CPU) and CuPy (GPU).
 
     Every option can also be set by an environment variable named GPURNN_<COMMAND>_<OPTION>, such as
-    GPURNN_TRAIN_EPOCHS=3 (GPURNN_BACKEND for the group's --backend).
+    GPURNN_TRAIN_EPOCHS=3 (GPURNN_BACKEND for the group's --backend; GPURNN_PLUGINS, comma-separated,
+    for plugins).
     """
     ctx.obj = {"backend": backend, "plugins": plugins}
 
@@ -237,13 +238,19 @@ def load_config(ctx, param, path):
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"{path} is not valid TOML: {exc}", ctx, param) from None
     table = table.get("train", table)
-    values = {key.replace("-", "_"): value for key, value in table.items()}
-    known = {p.name for p in ctx.command.params} - {"config"}
-    unknown = sorted(set(values) - known)
+    known = {name.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if p.name != "config"
+             for name in (p.name, *p.opts)}
+    unknown = sorted(key for key in table if key.replace("-", "_") not in known)
     if unknown:
         raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}", ctx, param)
+    values = {known[key.replace("-", "_")]: value for key, value in table.items()}
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return path
+
+
+def preset_option(decl, kind, preset_default, text):
+    """An option that changes the chosen preset (and is refused with --model-config)."""
+    return option(MODEL, decl, type=kind, default=None, show_default=f"the preset's: {preset_default}", help=text)
 
 
 @cli.command(cls=SectionCommand)
@@ -251,17 +258,13 @@ def load_config(ctx, param, path):
 @option(MODEL, "--model", type=click.Choice(list(PRESETS)), default="simple-rnnlm", help="Model preset.")
 @option(MODEL, "--model-config", type=click.Path(dir_okay=False),
         help="TOML file of [[layers]] specs, instead of a preset (then the preset options do not apply).")
-@option(MODEL, "--wordvec-size", type=click.IntRange(1), show_default="the preset's: 100, better-rnnlm 650",
-        help="Embedding size D.")
-@option(MODEL, "--hidden-size", type=click.IntRange(1), show_default="the preset's: 100, better-rnnlm 650",
-        help="Hidden size H of each recurrent layer.")
-@option(MODEL, "--num-layers", type=click.IntRange(1), show_default="the preset's: 1, better-rnnlm 2",
-        help="Recurrent layers stacked.")
-@option(MODEL, "--dropout", type=click.FloatRange(0, 1, max_open=True),
-        show_default="the preset's: 0, better-rnnlm 0.5",
-        help="Dropout before, between and after the recurrent layers.")
-@option(MODEL, "--tie-weights/--no-tie-weights", default=None, show_default="the preset's: off, better-rnnlm on",
-        help="The output layer shares the embedding's table (needs D = H).")
+@preset_option("--wordvec-size", click.IntRange(1), "100, better-rnnlm 650", "Embedding size D.")
+@preset_option("--hidden-size", click.IntRange(1), "100, better-rnnlm 650", "Hidden size H of each recurrent layer.")
+@preset_option("--num-layers", click.IntRange(1), "1, better-rnnlm 2", "Recurrent layers stacked.")
+@preset_option("--dropout", click.FloatRange(0, 1, max_open=True), "none, better-rnnlm 0.5",
+               "Dropout before, between and after the recurrent layers.")
+@preset_option("--tie-weights/--no-tie-weights", None, "off, better-rnnlm on",
+               "The output layer shares the embedding's table (needs D = H).")
 @option(OPTIM, "--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", help="Optimizer.")
 @option(OPTIM, "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Learning rate.")
 @option(OPTIM, "--clip", type=click.FloatRange(min=0, min_open=True), show_default="no clipping",
@@ -325,14 +328,15 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
     if model_given or model_config:
         explicit.add("specs")
     job = {"specs": model_specs(model, model_config, **preset_options), "options": options, "explicit": explicit,
-           "backend": backend_from(ctx), "registry": registry_from(ctx), "resume": resume, "run_id": run_id}
+           "backend": backend_from(ctx), "registry": registry_from(ctx), "resume": resume,
+           "run_meta": {"run_id": run_id, "model_name": model_name}}
     with run_folder(run_dir, checkpoint, run_id) as checkpoint:
         trainer, _ = prepare_job(corpus, checkpoint=checkpoint, **job,
                                  best_path=sibling(checkpoint, ".best.h5") if keep_best else None)
         if keep_best and trainer.valid_ids is None:
             raise click.UsageError("--keep-best needs a corpus with a validation split", ctx)
         log = MetricsLog(metrics or sibling(checkpoint, ".metrics.jsonl"),
-                         run_header(trainer, model_name, corpus, checkpoint), resume=resume)
+                         run_header(trainer, corpus, checkpoint), resume=resume)
     summary = train_with_progress(ctx, trainer, log, quiet, corpus)
     if plot:
         plot_current_run(log, plot)
@@ -372,14 +376,15 @@ def sibling(path, suffix):
     return path.with_name(path.stem + suffix)
 
 
-def run_header(trainer, model_name, corpus, checkpoint):
+def run_header(trainer, corpus, checkpoint):
     """The first record of a run: who, when, with what configuration, on what."""
     from dataclasses import asdict
 
     backend = trainer.model.backend
     header = {"run_id": trainer.extra_meta["run_id"], "gpurnn": package_version("gpurnn"),
               "backend": backend.name, "device": backend.describe().get("device"),
-              "model_name": model_name, "corpus": str(corpus or "demo"), "checkpoint": str(checkpoint),
+              "model_name": trainer.extra_meta["model_name"], "corpus": str(corpus or "demo"),
+              "checkpoint": str(checkpoint),
               "config": asdict(trainer.config), "specs": trainer.model.specs}
     if trainer.iteration:
         header["resumed_at"] = trainer.iteration

@@ -45,25 +45,27 @@ def test_keep_best_needs_a_validation_split(capsys):
 
 def test_a_run_record_starts_with_a_header_and_a_resume_joins_its_run(capsys):
     ck = Path("ck.h5")
-    base = [*NUMPY_TRAIN, "--checkpoint", str(ck), "--log-every", "2", "--hidden-size", "8", "--wordvec-size", "8"]
+    model = ["--model", "rnnlm", "--hidden-size", "8", "--wordvec-size", "8"]
+    base = [*NUMPY_TRAIN, "--checkpoint", str(ck), "--log-every", "2", *model]
     assert run(capsys, *base, "--max-iters", "4")[0] == 0
     metrics = Path("ck.metrics.jsonl")
     header, *steps = read_records(metrics)
     assert header["kind"] == "header" and header["run_id"] and header["time"]
     assert header["gpurnn"] and header["backend"] == "numpy" and header["device"]
     assert header["config"]["max_iters"] == 4 and header["config"]["batch_size"] == 10
-    assert header["specs"][1] == {"type": "rnn", "hidden_size": 8}
+    assert header["specs"][1] == {"type": "lstm", "hidden_size": 8}
     assert [s["iteration"] for s in steps] == [2, 4] and {s["run_id"] for s in steps} == {header["run_id"]}
     assert load_checkpoint(ck).meta["run_id"] == header["run_id"]
 
     code, _, err = run(capsys, *base, "--max-iters", "4")  # a new run never appends to another's file
     assert code == 2 and "already holds a run: pass --resume" in err and err.count("\n") == 1
-    assert run(capsys, *base, "--max-iters", "8", "--resume")[0] == 0
+    assert run(capsys, *base[:-len(model)], "--max-iters", "8", "--resume")[0] == 0  # the model from the checkpoint
     records = read_records(metrics)
     assert records[3]["kind"] == "header" and records[3]["resumed_at"] == 4
     assert {r["run_id"] for r in records} == {header["run_id"]}
     first, steps = run_records(records, header["run_id"])
     assert first == header and [s["iteration"] for s in steps] == [2, 4, 6, 8]
+    assert records[3]["model_name"] == header["model_name"] == "rnnlm"
 
 
 def record(run_id, iteration, lr=1.0, **extra):
@@ -86,8 +88,8 @@ def test_the_plot_draws_the_current_run_only():
     train, valid = ax.get_lines()[:2]
     assert list(train.get_xdata()) == [1, 2, 3, 4, 5]
     assert list(valid.get_xdata()) == [2, 4] and list(valid.get_ydata()) == [50.0, 40.0]
-    marks = [line for line in ax.get_lines()[2:] if list(line.get_xdata()) == [3, 3]]
-    assert len(marks) == 1  # the one lr change, at iteration 3
+    marks = [list(line.get_xdata()) for line in ax.get_lines()[2:]]
+    assert marks == [[2, 2]]  # the one lr change: after the validation at iteration 2
     assert "rnnlm on ptb.h5" in ax.get_title()
     assert any(other.get_xlabel() == "epoch" for other in ax.child_axes)
     with pytest.raises(Exception, match="no run 'c'"):
@@ -116,6 +118,14 @@ def test_a_config_file_holds_train_options_and_the_command_line_wins(capsys):
     Path("ck.metrics.jsonl").unlink()
     assert run(capsys, "--backend", "numpy", "train", "--config", "run.toml", "--max-iters", "5")[0] == 0
     assert saved_config()[0]["max_iters"] == 5
+
+
+def test_a_config_file_may_name_the_corpus_and_the_runtime_options(capsys, small_corpus):
+    Path("run.toml").write_text(f'corpus = "{small_corpus}"\nbackend = "numpy"\nplugin = []\nmax_iters = 2\n'
+                                'checkpoint = "ck.h5"\nbatch_size = 4\n')
+    code, _, err = run(capsys, "train", "--config", "run.toml")
+    assert code == 0, err
+    assert load_checkpoint("ck.h5").meta["corpus"] == str(small_corpus)
 
 
 @pytest.mark.parametrize("text, message", [

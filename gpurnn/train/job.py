@@ -51,12 +51,13 @@ def corpus_source(path):
 
 
 def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, checkpoint=None,
-                resume=False, run_id=None, best_path=None):
+                resume=False, run_meta=None, best_path=None):
     """A ready Trainer (restored when resuming) and the corpus it reads.
 
     `options` maps TrainConfig fields to values, None meaning "default"; `explicit` names those the
-    user actually gave (only they can contradict a checkpoint). The trainer's `extra_meta["run_id"]`
-    is `run_id`, or the resumed checkpoint's run id, so a resumed run keeps its identity.
+    user actually gave (only they can contradict a checkpoint). `run_meta` (such as the run id and
+    model name) goes into the trainer's `extra_meta`, saved in checkpoints; a resumed run keeps the
+    checkpoint's values, so it keeps its identity.
     """
     if checkpoint:
         check_writable(checkpoint)
@@ -81,9 +82,9 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
     trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
                       valid_ids=valid if valid is not None and len(valid) > 1 else None,
                       checkpoint_path=checkpoint, vocab=list(corpus.vocab),
-                      extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo"),
-                                  "run_id": (saved.meta.get("run_id") if saved else None) or run_id},
+                      extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
                       best_path=best_path)
+    trainer.extra_meta.update({k: saved.meta.get(k, v) if saved else v for k, v in (run_meta or {}).items()})
     if saved is not None:
         trainer.restore(saved)
         if "lr" in explicit:

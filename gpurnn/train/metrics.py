@@ -101,10 +101,10 @@ def run_figure(header, steps):
     valid = [r for r in steps if "valid_perplexity" in r]
     if valid:
         ax.plot([r["iteration"] for r in valid], [r["valid_perplexity"] for r in valid], "o-", label="valid")
-    for before, after in zip(steps, steps[1:]):
+    for before, after in zip(steps, steps[1:]):  # a decay follows the validation of `before`'s iteration
         if after["lr"] != before["lr"]:
-            ax.axvline(after["iteration"], color="gray", linestyle=":", linewidth=1)
-            ax.annotate(f"lr {after['lr']:.3g}", (after["iteration"], 1), xycoords=("data", "axes fraction"),
+            ax.axvline(before["iteration"], color="gray", linestyle=":", linewidth=1)
+            ax.annotate(f"lr {after['lr']:.3g}", (before["iteration"], 1), xycoords=("data", "axes fraction"),
                         xytext=(2, -12), textcoords="offset points", fontsize=8, color="gray")
     per_epoch = next((r["iteration"] / r["epoch"] for r in steps if r["epoch"]), None)
     if per_epoch:
