@@ -217,7 +217,7 @@ def report_corpus(report, as_json):
 
 PRESET_ONLY = ("wordvec_size", "hidden_size", "num_layers", "dropout", "tie_weights")
 TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
-               "seed", "eval_every", "save_every", "log_every")
+               "seed", "eval_every", "save_every", "log_every", "cuda_graph")
 MODEL, OPTIM, SCHEDULE, OUTPUT = "Model", "Optimisation", "Schedule", "Output"
 
 
@@ -298,6 +298,8 @@ def preset_option(decl, kind, preset_default, text):
 @option(OUTPUT, "--quiet", is_flag=True, help="Print only the final summary.")
 @option(RUN, "--config", type=click.Path(dir_okay=False), is_eager=True, callback=load_config,
         help="TOML file of train options (name = value); options given otherwise win over it.")
+@option(RUN, "--cuda-graph/--no-cuda-graph", default=None, show_default="on",
+        help="CuPy: capture the training step once as a CUDA graph and replay it.")
 @runtime_options
 @click.pass_context
 def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_best, resume, metrics, plot,
@@ -399,7 +401,7 @@ def train_with_progress(ctx, trainer, log, quiet, corpus):
     cfg = trainer.config
     progress = TrainingProgress(trainer.total_iters, quiet=quiet, first=trainer.iteration,
                                 tokens_per_iter=cfg.batch_size * cfg.time_size)
-    trainer.on_step, trainer.on_eval = progress.on_step, progress.on_eval
+    trainer.on_step, trainer.on_eval, trainer.on_notice = progress.on_step, progress.on_eval, progress.notice
     trainer.on_log = lambda record: (log(record), progress.on_log(record))
     progress.message([f"training {' -> '.join(s['type'] for s in trainer.model.specs)}",
                       f"on {corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}):",

@@ -148,8 +148,14 @@ class TrainingProgress:
 
     def message(self, fields):
         """Print a line made of `fields` (above the bar, broken between fields to fit a terminal)."""
-        if self.quiet:
-            return
+        if not self.quiet:
+            self.write(fields)
+
+    def notice(self, text):
+        """Print a one-off notice (such as a CUDA graph that could not be captured), even when quiet."""
+        self.write(text.split(" "))
+
+    def write(self, fields):
         if self.bar is None:
             self.out.write(" ".join(fields) + "\n")
             self.out.flush()
