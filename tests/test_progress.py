@@ -127,3 +127,16 @@ def test_quiet_and_eval_progress_off_a_terminal_print_nothing(pty):
 def test_fields_wrap_between_fields():
     assert fit_fields(["iter 10", "epoch 0.50", "valid ppl 99.00"], 18) == "iter 10 epoch 0.50\nvalid ppl 99.00"
     assert fit_fields(["a much longer field than the width"], 5) == "a much longer field than the width"
+
+
+def test_notices_print_even_when_quiet_and_above_the_bar(pty):
+    out = io.StringIO()
+    TrainingProgress(20, quiet=True, out=out).notice("CUDA graph capture failed: reason")
+    assert out.getvalue() == "CUDA graph capture failed: reason\n"
+    bar = TrainingProgress(20, out=pty.out)
+    bar.on_step(1, 20, np.float32(1.0))
+    bar.notice("a notice")
+    bar.on_step(2, 20, np.float32(1.0))
+    lines = pty.screen_lines()
+    assert "a notice" in lines and "2/20" in lines[-1]
+    bar.close()
