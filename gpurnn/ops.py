@@ -12,6 +12,7 @@ norm, the dropout step) are read from device memory by the kernels, so a whole t
 be captured once as a CUDA graph and replayed.
 """
 
+import contextlib
 import functools
 import os
 import threading
@@ -71,6 +72,44 @@ def for_row_blocks(array, fn, block=ROW_BLOCK):
 
     for future in [_pool(threads).submit(share, start) for start in range(0, n, step)]:
         future.result()
+
+
+# A time step's GEMM has only B rows (20 for PTB): OpenBLAS threads it poorly, so above this many
+# multiply-adds the step's columns are split over the pool with BLAS on one thread (`step_matmul`).
+MIN_SPLIT_MULTIPLY_ADDS = 1 << 22
+_BLAS_CONTROLLER = None
+
+
+@contextlib.contextmanager
+def recurrent_loop(xp):
+    """The context of a recurrent layer's time loop: on NumPy with several cores, BLAS runs on the
+    calling thread only (threadpoolctl), so `step_matmul` can split each step's product itself."""
+    global _BLAS_CONTROLLER
+    if xp is not np or cpu_threads() == 1:
+        yield
+        return
+    if _BLAS_CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER = ThreadpoolController()
+    with _BLAS_CONTROLLER.limit(limits=1, user_api="blas"):
+        yield
+
+
+def step_matmul(a, b, out):
+    """out = a @ b for one time step (a has few rows). Inside `recurrent_loop` on NumPy, a large
+    enough product is split by columns over the pool, one share per core; otherwise one matmul."""
+    xp = array_module(a)
+    threads = cpu_threads()
+    n = b.shape[1]
+    if xp is not np or threads == 1 or a.shape[0] * a.shape[1] * n < MIN_SPLIT_MULTIPLY_ADDS:
+        return xp.matmul(a, b, out=out)
+    step = -(-n // threads)
+    shares = [_pool(threads).submit(np.matmul, a, b[:, lo:lo + step], out=out[:, lo:lo + step])
+              for lo in range(0, n, step)]
+    for share in shares:
+        share.result()
+    return out
 
 
 # -- CUDA kernels: compiled per float type on first use -------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import RecurrentLayer
-from gpurnn.ops import column_sums, gru_cell, gru_cell_backward
+from gpurnn.ops import column_sums, gru_cell, gru_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeGRU(RecurrentLayer):
@@ -32,9 +32,10 @@ class TimeGRU(RecurrentLayer):
         recurrent = xp.empty_like(gates)  # h_{t-1} Wh (+ bhn for n): backward needs n's part
         hs = xp.empty((gates.shape[0],) + h0.shape, xs.dtype)
         h = h0
-        for t in range(gates.shape[0]):
-            xp.matmul(h, Wh, out=recurrent[t])
-            h = gru_cell(gates[t], recurrent[t], self.params["bhn"], h, hs[t])
+        with recurrent_loop(xp):
+            for t in range(gates.shape[0]):
+                step_matmul(h, Wh, recurrent[t])
+                h = gru_cell(gates[t], recurrent[t], self.params["bhn"], h, hs[t])
         self.cache = (x_tm, h0, gates, recurrent, hs)
         self.keep_state(h)
         return hs.transpose(1, 0, 2)
@@ -52,12 +53,13 @@ class TimeGRU(RecurrentLayer):
         T = gates.shape[0]
         d_in, d_hid = xp.empty_like(gates), xp.empty_like(gates)
         dh, rec = xp.empty_like(h0), xp.empty_like(h0)
-        for t in range(T - 1, -1, -1):
-            last = t == T - 1
-            if not last:  # what flows back from step t + 1
-                xp.matmul(d_hid[t + 1], Wh_T, out=rec)
-            gru_cell_backward(dhs_tm[t], None if last else rec, None if last else gates[t + 1], gates[t],
-                              recurrent[t], hs[t - 1] if t else h0, dh, d_in[t], d_hid[t])
+        with recurrent_loop(xp):
+            for t in range(T - 1, -1, -1):
+                last = t == T - 1
+                if not last:  # what flows back from step t + 1
+                    step_matmul(d_hid[t + 1], Wh_T, rec)
+                gru_cell_backward(dhs_tm[t], None if last else rec, None if last else gates[t + 1], gates[t],
+                                  recurrent[t], hs[t - 1] if t else h0, dh, d_in[t], d_hid[t])
         column_sums(d_hid[:, :, 2 * H:].reshape(-1, H), self.grads["bhn"])
         return self.weight_grads(x_tm, h0, hs, d_in, d_hid)
 

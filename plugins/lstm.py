@@ -10,7 +10,7 @@ Wx (D, 4H), Wh (H, 4H), b (4H,). PyTorch's two biases b_ih + b_hh are one bias h
 
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import RecurrentLayer
-from gpurnn.ops import lstm_backward_factors, lstm_cell, lstm_cell_backward
+from gpurnn.ops import lstm_backward_factors, lstm_cell, lstm_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeLSTM(RecurrentLayer):
@@ -29,10 +29,11 @@ class TimeLSTM(RecurrentLayer):
         hs, cs = xp.empty((2, gates.shape[0]) + h0.shape, xs.dtype)
         recurrent = xp.empty_like(gates[0])
         h, c = h0, c0
-        for t in range(gates.shape[0]):
-            xp.matmul(h, Wh, out=recurrent)
-            h = lstm_cell(gates[t], recurrent, c, cs[t], hs[t])
-            c = cs[t]
+        with recurrent_loop(xp):
+            for t in range(gates.shape[0]):
+                step_matmul(h, Wh, recurrent)
+                h = lstm_cell(gates[t], recurrent, c, cs[t], hs[t])
+                c = cs[t]
         self.cache = (x_tm, h0, c0, gates, hs, cs)
         self.keep_state(h, c)
         return hs.transpose(1, 0, 2)
@@ -56,12 +57,13 @@ class TimeLSTM(RecurrentLayer):
         dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2))
         dc = xp.zeros_like(h0)
         rec = xp.empty_like(h0)
-        for t in range(T - 1, -1, -1):
-            last = t == T - 1
-            if not last:  # what flows back from step t + 1
-                xp.matmul(das[t + 1], Wh_T, out=rec)
-            lstm_cell_backward(dhs_tm[t], None if last else rec, None if last else gates[t + 1],
-                               dc_from_dh[t], dc, das[t])
+        with recurrent_loop(xp):
+            for t in range(T - 1, -1, -1):
+                last = t == T - 1
+                if not last:  # what flows back from step t + 1
+                    step_matmul(das[t + 1], Wh_T, rec)
+                lstm_cell_backward(dhs_tm[t], None if last else rec, None if last else gates[t + 1],
+                                   dc_from_dh[t], dc, das[t])
         return self.weight_grads(x_tm, h0, hs, das)
 
 

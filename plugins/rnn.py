@@ -2,7 +2,7 @@
 
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import RecurrentLayer
-from gpurnn.ops import rnn_cell, rnn_cell_backward
+from gpurnn.ops import rnn_cell, rnn_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeRNN(RecurrentLayer):
@@ -18,9 +18,10 @@ class TimeRNN(RecurrentLayer):
         (h0,) = self.initial_state(xs.shape[0], xs.dtype)
         recurrent = xp.empty_like(h0)
         h = h0
-        for t in range(hs.shape[0]):
-            xp.matmul(h, Wh, out=recurrent)
-            h = rnn_cell(hs[t], recurrent)
+        with recurrent_loop(xp):
+            for t in range(hs.shape[0]):
+                step_matmul(h, Wh, recurrent)
+                h = rnn_cell(hs[t], recurrent)
         self.cache = (x_tm, h0, hs)
         self.keep_state(hs[-1])
         return hs.transpose(1, 0, 2)
@@ -33,10 +34,11 @@ class TimeRNN(RecurrentLayer):
         dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2))
         dts = xp.empty_like(hs)
         rec = xp.empty_like(h0)
-        for t in range(hs.shape[0] - 1, -1, -1):
-            if t < hs.shape[0] - 1:  # what flows back from step t + 1
-                xp.matmul(dts[t + 1], Wh_T, out=rec)
-            rnn_cell_backward(dhs_tm[t], rec if t < hs.shape[0] - 1 else None, hs[t], dts[t])
+        with recurrent_loop(xp):
+            for t in range(hs.shape[0] - 1, -1, -1):
+                if t < hs.shape[0] - 1:  # what flows back from step t + 1
+                    step_matmul(dts[t + 1], Wh_T, rec)
+                rnn_cell_backward(dhs_tm[t], rec if t < hs.shape[0] - 1 else None, hs[t], dts[t])
         return self.weight_grads(x_tm, h0, hs, dts)
 
 

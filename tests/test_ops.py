@@ -130,6 +130,16 @@ def test_small_work_stays_on_the_calling_thread_and_large_work_splits(monkeypatc
     np.testing.assert_array_equal(covered, 1)  # every element exactly once
 
 
+def test_a_split_step_matmul_equals_one_matmul(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_threads", lambda: 3)
+    a = RNG.standard_normal((20, 650)).astype(np.float32)
+    b = RNG.standard_normal((650, 2600)).astype(np.float32)
+    out = np.empty((20, 2600), np.float32)
+    with ops.recurrent_loop(np):
+        ops.step_matmul(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-4)
+
+
 def nvrtc_program():
     """CuPy's NVRTC program class, which compiles for a named architecture with no GPU present."""
     try:

@@ -11,6 +11,8 @@ evaluation) calls `reset()`: the next steps warm up and capture again. Where cap
 training goes on eagerly and says why once.
 """
 
+import numpy as np
+
 
 class CapturedStep:
     """compute(xs, ts) -> loss, replayed from a CUDA graph after WARMUP eager calls."""
@@ -60,8 +62,8 @@ class CapturedStep:
         null = cupy.cuda.Stream.null
         self.stream.wait_event(null.record())  # the step counter and learning rate written before
         with self.stream:
-            self.xs.set(xs.astype(self.xs.dtype, copy=False), stream=self.stream)
-            self.ts.set(ts.astype(self.ts.dtype, copy=False), stream=self.stream)
+            self.xs.set(np.ascontiguousarray(xs, dtype=self.xs.dtype), stream=self.stream)
+            self.ts.set(np.ascontiguousarray(ts, dtype=self.ts.dtype), stream=self.stream)
             self.graph.launch(self.stream)
             loss = self.loss.copy()
         null.wait_event(self.stream.record())
