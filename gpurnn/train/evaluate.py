@@ -40,19 +40,25 @@ def eval_batches(ids, batch_size, time_size):
             yield xs[:, block], t, count
 
 
-def perplexity(model, ids, batch_size=10, time_size=35):
-    """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was."""
+def perplexity(model, ids, batch_size=10, time_size=35, progress=None):
+    """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was.
+
+    `progress(done, total)`, when given, is called after each batch (for a progress bar).
+    """
     backend = model.backend
     saved_state = model.get_state()
     was_training = model.layers[0].training
     model.eval()
     model.reset_state()
     total, tokens = 0.0, 0
+    batches = list(eval_batches(ids, batch_size, time_size))  # views of two (B, width) arrays
     try:
-        for xs, ts, count in eval_batches(ids, batch_size, time_size):
+        for done, (xs, ts, count) in enumerate(batches, 1):
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
             total = total + loss.astype(np.float64) * count  # float64, on the device until the end
             tokens += count
+            if progress:
+                progress(done, len(batches))
         mean = float(total) / tokens
     finally:
         model.set_state(saved_state)

@@ -55,19 +55,24 @@ class Trainer:
     """Runs a model over a stream; `run()` trains until epochs/max_iters, saving where asked.
 
     on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
-    tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total) is called
-    after every iteration, for progress bars; on_notice(message) receives one-off notices.
+    tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total, loss) is
+    called after every iteration with the loss still on the device, and on_eval(done, total) after
+    each validation batch, for progress bars; on_notice(message) receives one-off notices. With
+    `best_path`, the checkpoint of the best validation perplexity so far is also written there.
     """
 
     def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
-                 vocab=(), extra_meta=None, on_log=None, on_step=None, on_notice=None):
+                 vocab=(), extra_meta=None, on_log=None, on_step=None, on_eval=None, on_notice=None,
+                 best_path=None):
         self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
         self.valid_ids = valid_ids
         self.checkpoint_path = checkpoint_path
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
         self.on_log = on_log or (lambda record: None)
-        self.on_step = on_step or (lambda iteration, total: None)
+        self.on_step = on_step or (lambda iteration, total, loss: None)
+        self.on_eval = on_eval
         self.on_notice = on_notice or (lambda message: None)
+        self.best_path = best_path
         backend = model.backend
         self.graph = (CapturedStep(self._compute, backend.xp, lambda m: self.on_notice(m))
                       if backend.is_gpu and config.cuda_graph else None)
@@ -116,7 +121,7 @@ class Trainer:
                 self._log(evaluate)
             if save or self._stop_requested:
                 self.save()
-            self.on_step(i, total)
+            self.on_step(i, total, loss)
             if self._stop_requested:
                 raise Interrupted(f"interrupted at iteration {i}")
 
@@ -154,27 +159,34 @@ class Trainer:
                   "lr": self.optimizer.lr, "train_perplexity": math.exp(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
-            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size)
+            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
+                                  progress=self.on_eval)
             if self.graph is not None:
                 self.graph.reset()
             record["valid_perplexity"] = valid
-            self._plateau(valid)
+            if self._plateau(valid) and self.best_path:
+                self.save(self.best_path)
         self.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
 
     def _plateau(self, valid):
-        """Keep the best validation perplexity; decay the learning rate when it stops improving."""
+        """Keep the best validation perplexity; decay the learning rate when it stops improving.
+
+        True when `valid` is a new best."""
         if valid < self.best_valid:
             self.best_valid = valid
-        elif self.config.lr_decay:
+            return True
+        if self.config.lr_decay:
             self.optimizer.lr *= self.config.lr_decay
+        return False
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def save(self):
-        """Write everything needed to resume to the checkpoint path (if any), atomically."""
-        if not self.checkpoint_path:
+    def save(self, path=None):
+        """Write everything needed to resume to `path` or the checkpoint path (if any), atomically."""
+        path = path or self.checkpoint_path
+        if not path:
             return
         backend = self.model.backend
         opt_state = self.optimizer.state_dict(self.model)
@@ -192,12 +204,13 @@ class Trainer:
             "stream": self.stream.state_dict(),
             "backend": backend.name,
         }
-        save_checkpoint(self.checkpoint_path,
+        save_checkpoint(path,
                         params={k: backend.to_host(v) for k, v in self.model.params.items()},
                         optimizer_arrays=arrays,
                         state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
                         vocab=self.vocab, meta=meta, layouts=self.model.param_layouts())
-        self.saved_iteration = self.iteration
+        if path == self.checkpoint_path:
+            self.saved_iteration = self.iteration
 
     def restore(self, checkpoint):
         """Continue from a loaded Checkpoint made by `save` for this same model and stream."""
