@@ -1,23 +1,33 @@
 """The `gpurnn` command line: thin click commands that parse, call the library, and report.
 
 Every problem a user can fix ends the program with one line on stderr and exit code 2 (no traceback;
-`--debug` or GPURNN_DEBUG=1 shows one).
+`--debug` or GPURNN_DEBUG=1 shows one); a usage error adds click's "Try 'gpurnn CMD -h' for help.".
+Every option can also come from an environment variable GPURNN_<COMMAND>_<OPTION> (GPURNN_BACKEND
+for the group's; plugins from GPURNN_PLUGINS), and `train --config FILE.toml` from a file.
 """
 
+import functools
 import os
 import sys
+import tomllib
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import jsontext
-from .backend import get_backend
+from .backend import BACKEND_NAMES, get_backend, probe_cupy
 from .errors import GpurnnError
+from .model import PRESETS
 from .registry import Registry
 
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
-def debug_requested():
-    return "--debug" in sys.argv[1:] or os.environ.get("GPURNN_DEBUG") == "1"
+
+def debug_requested(argv=None):
+    return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("GPURNN_DEBUG") == "1"
 
 
 def package_version(name):
@@ -31,16 +41,75 @@ def emit_json(obj):
     click.echo(jsontext.dumps(obj, indent=2, sort_keys=False))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--backend", type=click.Choice(["auto", "numpy", "cupy"]), default=None,
-              help="Array backend [default: $GPURNN_BACKEND or auto: CuPy when a CUDA device is usable].")
-@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+class SectionOption(click.Option):
+    """An option listed under a heading (`section`) in its command's help."""
+
+    def __init__(self, *args, section="Options", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.section = section
+
+
+class SectionCommand(click.Command):
+    """A command whose help lists its options grouped under their sections' headings, in order.
+
+    Options without a section come first, under "Options"; --help goes with the run options.
+    """
+
+    def format_options(self, ctx, formatter):
+        sections = {"Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record:
+                section = RUN if param is self.get_help_option(ctx) else getattr(param, "section", "Options")
+                sections.setdefault(section, []).append(record)
+        sections = {title: rows for title, rows in sections.items() if rows}
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
+def option(section, *decls, **kwargs):
+    """click.option under a help heading."""
+    return click.option(*decls, cls=SectionOption, section=section, **kwargs)
+
+
+RUN = "Run"
+
+
+def runtime_options(command):
+    """--backend, --plugin and --debug on a subcommand; a backend given there wins over the group's."""
+
+    @option(RUN, "--backend", type=click.Choice(BACKEND_NAMES), default=None,
+            show_default="the group's, $GPURNN_BACKEND or auto",
+            help="Array backend: auto takes CuPy when a CUDA device is usable.")
+    @option(RUN, "--plugin", "plugins", multiple=True, metavar="MODULE", show_default=False, allow_from_autoenv=False,
+            help="Load a layer plugin: a module name or a .py path (repeatable; also $GPURNN_PLUGINS).")
+    @option(RUN, "--debug", is_flag=True, expose_value=False, help="Show tracebacks on errors.")
+    @functools.wraps(command)
+    def with_runtime(*args, backend=None, plugins=(), **kwargs):
+        obj = click.get_current_context().obj
+        obj["backend"] = backend or obj["backend"]
+        obj["plugins"] = (*obj["plugins"], *plugins)
+        return command(*args, **kwargs)
+
+    return with_runtime
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None, show_default="auto",
+              help="Array backend: auto takes CuPy when a CUDA device is usable.")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", show_default=False, allow_from_autoenv=False,
               help="Load a layer plugin: a module name or a .py path (repeatable; also $GPURNN_PLUGINS).")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(package_name="gpurnn")
 @click.pass_context
 def cli(ctx, backend, plugins, debug):
-    """gpurnn: readable recurrent language models on NumPy (CPU) and CuPy (GPU)."""
+    """gpurnn: readable recurrent language models on NumPy (CPU) and CuPy (GPU).
+
+    Every option can also be set by an environment variable named GPURNN_<COMMAND>_<OPTION>, such as
+    GPURNN_TRAIN_EPOCHS=3 (GPURNN_BACKEND for the group's --backend; GPURNN_PLUGINS, comma-separated,
+    for plugins).
+    """
     ctx.obj = {"backend": backend, "plugins": plugins}
 
 
@@ -52,24 +121,36 @@ def backend_from(ctx):
     return get_backend(ctx.obj["backend"])
 
 
-@cli.command()
+def backends_report():
+    """Every backend, usable or not, with the reason."""
+    _, why_not = probe_cupy()
+    return {"numpy": "usable", "cupy": "usable" if why_not is None else f"unusable: {why_not}"}
+
+
+@cli.command(cls=SectionCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@runtime_options
 @click.pass_context
 def info(ctx, as_json):
-    """Versions, the chosen backend and why, and the device."""
-    backend = backend_from(ctx)
+    """Versions, every backend (usable or not, and why), the chosen one and its device."""
     report = {"gpurnn": package_version("gpurnn"), "python": sys.version.split()[0],
-              **{pkg: package_version(pkg) for pkg in ("click", "pluggy", "h5py")},
-              **backend.describe()}
+              **{pkg: package_version(pkg) for pkg in ("click", "pluggy", "h5py", "tqdm")},
+              "backends": backends_report()}
+    try:
+        report.update(backend_from(ctx).describe())
+    except Exception as exc:  # info reports what it cannot use; it never fails
+        report.update(backend=None, why=str(exc))
     if as_json:
         emit_json(report)
         return
     for key, value in report.items():
-        click.echo(f"{key:>20}: {value}")
+        for name, text in value.items() if isinstance(value, dict) else [(key, value)]:
+            click.echo(f"{name if key != 'backends' else 'backend ' + name:>20}: {text}")
 
 
-@cli.command()
+@cli.command(cls=SectionCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@runtime_options
 @click.pass_context
 def plugins(ctx, as_json):
     """Every layer type, the plugin that provides it, and what it does (--json: and its distribution)."""
@@ -85,17 +166,18 @@ def plugins(ctx, as_json):
         click.echo(f"{r['type']:<{width}}  {r['plugin']:<{pwidth}}  {r['description']}")
 
 
-@cli.command()
+@cli.command(cls=SectionCommand)
 @click.argument("train", type=click.Path())
 @click.option("--valid", type=click.Path(), help="Validation text file.")
 @click.option("--test", type=click.Path(), help="Test text file.")
 @click.option("--output", "-o", type=click.Path(), required=True, help="The corpus file to write (.h5).")
-@click.option("--level", type=click.Choice(["word", "char"]), default="word", show_default=True,
+@click.option("--level", type=click.Choice(["word", "char"]), default="word",
               help="word: whitespace-separated, <eos> at line ends; char: every character.")
 @click.option("--vocab-size", type=int, help="Keep at most this many tokens (the most frequent).")
-@click.option("--min-count", type=int, default=1, show_default=True,
+@click.option("--min-count", type=int, default=1,
               help="Leave out words seen fewer times in TRAIN.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@runtime_options
 def prepare(train, valid, test, output, level, vocab_size, min_count, as_json):
     """Tokenize text files into an HDF5 corpus file (vocabulary from TRAIN; unknown words -> <unk>)."""
     from .data import open_corpus, prepare_corpus
@@ -106,11 +188,12 @@ def prepare(train, valid, test, output, level, vocab_size, min_count, as_json):
         report_corpus(corpus.describe(), as_json)
 
 
-@cli.command("corpus-info")
+@cli.command("corpus-info", cls=SectionCommand)
 @click.argument("corpus", type=click.Path())
-@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--top", type=click.IntRange(min=0), default=10,
               help="How many of the most frequent tokens to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@runtime_options
 def corpus_info(corpus, top, as_json):
     """Level, vocabulary size, tokens per split, the most frequent tokens and the sources' SHA-256."""
     from .data import open_corpus
@@ -131,95 +214,234 @@ def report_corpus(report, as_json):
                    f"(sha256 {source.get('sha256')})")
     frequent = ", ".join(f"{token!r} {count:,}" for token, count in report["most_frequent"])
     click.echo(f"  most frequent: {frequent}")
-MODEL_OPTIONS = ("model", "model_config", "wordvec_size", "hidden_size")
+
+
+PRESET_ONLY = ("wordvec_size", "hidden_size", "num_layers", "dropout", "tie_weights")
 TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
                "seed", "eval_every", "save_every", "log_every", "cuda_graph")
+MODEL, OPTIM, SCHEDULE, OUTPUT = "Model", "Optimisation", "Schedule", "Output"
 
 
-def explicit_options(ctx, names):
-    """The option names the user gave on the command line (not defaults)."""
-    return {n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE}
+def given_options(ctx, names):
+    """The options among `names` that the user set: command line, environment or --config file."""
+    return {n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
 
 
-@cli.command()
+def load_config(ctx, param, path):
+    """--config FILE.toml: train options as `name = value` (top level or under [train]), used as defaults."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", ctx, param) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}", ctx, param) from None
+    table = table.get("train", table)
+    known = {name.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if p.name != "config"
+             for name in (p.name, *p.opts)}
+    unknown = sorted(key for key in table if key.replace("-", "_") not in known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}", ctx, param)
+    values = {known[key.replace("-", "_")]: value for key, value in table.items()}
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+def preset_option(decl, kind, preset_default, text):
+    """An option that changes the chosen preset (and is refused with --model-config)."""
+    return option(MODEL, decl, type=kind, default=None, show_default=f"the preset's: {preset_default}", help=text)
+
+
+@cli.command(cls=SectionCommand)
 @click.argument("corpus", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", default="simple-rnnlm", show_default=True, help="Model preset.")
-@click.option("--model-config", type=click.Path(dir_okay=False), help="TOML file with [[layers]] specs (overrides --model).")
-@click.option("--wordvec-size", type=click.IntRange(1), help="Embedding size D of the preset.")
-@click.option("--hidden-size", type=click.IntRange(1), help="Hidden size H of the preset.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="Optimizer [default: sgd].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate [default: 0.1].")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), help="Clip the global gradient norm to this.")
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), help="Multiply lr by this when validation perplexity stops improving.")
-@click.option("--batch-size", type=click.IntRange(1), help="Lanes B [default: 20; demo 10].")
-@click.option("--time-size", type=click.IntRange(1), help="Truncated-BPTT block length T [default: 35; demo 5].")
-@click.option("--epochs", type=click.IntRange(1), help="Epochs [default: 1; demo 100].")
-@click.option("--max-iters", type=click.IntRange(1), help="Stop after this many iterations (overrides --epochs).")
-@click.option("--seed", type=int, help="Random seed [default: 0].")
-@click.option("--eval-every", type=click.IntRange(1), help="Validation perplexity every N iterations (and at the end).")
-@click.option("--log-every", type=click.IntRange(1), help="Log every N iterations [default: an epoch, at most 100].")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (HDF5), written at the end and every --save-every.")
-@click.option("--save-every", type=click.IntRange(1), help="Save the checkpoint every N iterations.")
-@click.option("--resume", is_flag=True, help="Continue from --checkpoint exactly where it stopped.")
-@click.option("--metrics", type=click.Path(dir_okay=False), help="Append one JSON record per logged step to this file.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write train/valid perplexity curves to this PNG (needs gpurnn[plot]).")
-@click.option("--quiet", is_flag=True, help="Print only the final summary.")
-@click.option("--cuda-graph/--no-cuda-graph", default=None,
-              help="CuPy: capture the training step once as a CUDA graph and replay it [default: on].")
+@option(MODEL, "--model", type=click.Choice(list(PRESETS)), default="simple-rnnlm", help="Model preset.")
+@option(MODEL, "--model-config", type=click.Path(dir_okay=False),
+        help="TOML file of [[layers]] specs, instead of a preset (then the preset options do not apply).")
+@preset_option("--wordvec-size", click.IntRange(1), "100, better-rnnlm 650", "Embedding size D.")
+@preset_option("--hidden-size", click.IntRange(1), "100, better-rnnlm 650", "Hidden size H of each recurrent layer.")
+@preset_option("--num-layers", click.IntRange(1), "1, better-rnnlm 2", "Recurrent layers stacked.")
+@preset_option("--dropout", click.FloatRange(0, 1, max_open=True), "none, better-rnnlm 0.5",
+               "Dropout before, between and after the recurrent layers.")
+@preset_option("--tie-weights/--no-tie-weights", None, "off, better-rnnlm on",
+               "The output layer shares the embedding's table (needs D = H).")
+@option(OPTIM, "--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", help="Optimizer.")
+@option(OPTIM, "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Learning rate.")
+@option(OPTIM, "--clip", type=click.FloatRange(min=0, min_open=True), show_default="no clipping",
+        help="Clip the global gradient norm to this.")
+@option(OPTIM, "--batch-size", type=click.IntRange(1), show_default="20; demo 10", help="Lanes B.")
+@option(OPTIM, "--time-size", type=click.IntRange(1), show_default="35; demo 5",
+        help="Truncated-BPTT block length T.")
+@option(OPTIM, "--seed", type=int, default=0, help="Random seed (initial weights, dropout).")
+@option(SCHEDULE, "--epochs", type=click.IntRange(1), show_default="1; demo 100", help="Epochs to train.")
+@option(SCHEDULE, "--max-iters", type=click.IntRange(1), help="Stop after this many iterations (overrides --epochs).")
+@option(SCHEDULE, "--lr-decay", type=click.FloatRange(0, 1, min_open=True), show_default="no decay",
+        help="Multiply lr by this when validation perplexity stops improving.")
+@option(SCHEDULE, "--eval-every", type=click.IntRange(1), show_default="at the end",
+        help="Validation perplexity every N iterations.")
+@option(SCHEDULE, "--log-every", type=click.IntRange(1), show_default="an epoch, at most 100",
+        help="Log a record every N iterations.")
+@option(SCHEDULE, "--save-every", type=click.IntRange(1), show_default="at the end",
+        help="Save the checkpoint every N iterations.")
+@option(OUTPUT, "--run-dir", type=click.Path(file_okay=False), show_default="runs/<run id>",
+        help="Folder for the run's checkpoint.h5 (created).")
+@option(OUTPUT, "--checkpoint", type=click.Path(dir_okay=False), show_default="RUN_DIR/checkpoint.h5",
+        help="Checkpoint file (HDF5), written at the end and every --save-every.")
+@option(OUTPUT, "--keep-best", is_flag=True,
+        help="Also keep the best-validation checkpoint beside it (CHECKPOINT's name + .best.h5).")
+@option(OUTPUT, "--resume", is_flag=True,
+        help="Continue the run in --checkpoint (or --run-dir) exactly where it stopped.")
+@option(OUTPUT, "--metrics", type=click.Path(dir_okay=False), show_default="CHECKPOINT's name + .metrics.jsonl",
+        help="The run's records as JSON lines: a header, then one per log step.")
+@option(OUTPUT, "--plot", type=click.Path(dir_okay=False),
+        help="Draw this run's perplexity curves to this PNG (needs gpurnn[plot]).")
+@option(OUTPUT, "--quiet", is_flag=True, help="Print only the final summary.")
+@option(RUN, "--config", type=click.Path(dir_okay=False), is_eager=True, callback=load_config,
+        help="TOML file of train options (name = value); options given otherwise win over it.")
+@option(RUN, "--cuda-graph/--no-cuda-graph", default=None, show_default="on",
+        help="CuPy: capture the training step once as a CUDA graph and replay it.")
+@runtime_options
 @click.pass_context
-def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoint, resume, metrics, plot, quiet,
-          **train_options):
-    """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo)."""
-    from .progress import TrainingProgress
-    from .train.job import check_outputs, model_specs, prepare_job
-    from .train.metrics import MetricsLog, plot_perplexity, require_matplotlib
-    from .train.trainer import Interrupted
+def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_best, resume, metrics, plot,
+          quiet, **options):
+    """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo).
 
+    The run's checkpoint, records and best checkpoint go to a run folder (runs/<run id>/ unless
+    --run-dir or --checkpoint says otherwise); their paths are printed at the end.
+    """
+    from .train.job import check_outputs, model_specs, prepare_job
+    from .train.metrics import MetricsLog, new_run_id, require_matplotlib
+
+    preset_options = {name: options.pop(name) for name in PRESET_ONLY}
+    model_given = given_options(ctx, ("model", *PRESET_ONLY))
+    if model_config and model_given:
+        names = option_names(model_given)
+        raise click.UsageError(f"{', '.join(names)} {'apply' if len(names) > 1 else 'applies'} only to a "
+                               f"preset; leave {'them' if len(names) > 1 else 'it'} out with --model-config", ctx)
+    if run_dir and checkpoint:
+        raise click.UsageError("give --run-dir or --checkpoint, not both", ctx)
+    if resume and not (run_dir or checkpoint):
+        raise click.UsageError("--resume needs the run to continue: --run-dir DIR or --checkpoint FILE", ctx)
     if plot:
         require_matplotlib()
-    check_outputs(corpus, checkpoint, metrics, plot, model_config)
-    explicit = explicit_options(ctx, TRAIN_FLAGS)
-    if explicit_options(ctx, MODEL_OPTIONS):
+    model_name = Path(model_config).stem if model_config else model
+    run_id = new_run_id(model_name)
+    explicit = given_options(ctx, TRAIN_FLAGS)
+    if model_given or model_config:
         explicit.add("specs")
-    specs = model_specs(model, model_config, wordvec_size, hidden_size)
-    log = MetricsLog(metrics)
-    trainer, _ = prepare_job(corpus, specs=specs, options=train_options, explicit=explicit,
-                             backend=backend_from(ctx), registry=registry_from(ctx),
-                             checkpoint=checkpoint, resume=resume)
-    progress = TrainingProgress(trainer.total_iters, quiet=quiet, first=trainer.iteration)
-    trainer.on_step = progress.on_step
-    trainer.on_notice = lambda message: click.echo(message, err=True)
+    job = {"specs": model_specs(model, model_config, **preset_options), "options": options, "explicit": explicit,
+           "backend": backend_from(ctx), "registry": registry_from(ctx), "resume": resume,
+           "run_meta": {"run_id": run_id, "model_name": model_name}}
+    with run_folder(run_dir, checkpoint, run_id) as checkpoint:
+        check_outputs(corpus, checkpoint, metrics or sibling(checkpoint, ".metrics.jsonl"), plot, model_config)
+        trainer, _ = prepare_job(corpus, checkpoint=checkpoint, **job,
+                                 best_path=sibling(checkpoint, ".best.h5") if keep_best else None)
+        try:
+            if keep_best and trainer.valid_ids is None:
+                raise click.UsageError("--keep-best needs a corpus with a validation split", ctx)
+            log = MetricsLog(metrics or sibling(checkpoint, ".metrics.jsonl"),
+                             run_header(trainer, corpus, checkpoint), resume=resume)
+        except BaseException:
+            trainer.release_lock()  # the checkpoint is free again, and the lock file gone
+            raise
+    summary = train_with_progress(ctx, trainer, log, quiet, corpus)
+    if plot:
+        plot_current_run(log, plot)
+    click.echo(summary)
+    click.echo(f"checkpoint: {checkpoint}")
+    if keep_best and trainer.best_path.exists():
+        click.echo(f"best checkpoint: {trainer.best_path}")
+    click.echo(f"metrics: {log.path}")
+
+
+@contextmanager
+def run_folder(run_dir, checkpoint, run_id):
+    """The checkpoint path: CHECKPOINT, or RUN_DIR (default runs/RUN_ID, created)/checkpoint.h5.
+
+    A run folder made here is removed again if the job fails to start and left it empty.
+    """
+    if checkpoint:
+        yield Path(checkpoint)
+        return
+    run_dir = Path(run_dir or Path("runs") / run_id)
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield run_dir / "checkpoint.h5"
+    except BaseException:
+        if made and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+
+
+def option_names(names):
+    return [f"--{name.replace('_', '-')}" for name in sorted(names)]
+
+
+def sibling(path, suffix):
+    """`path` with its .h5 suffix replaced by `suffix` (runs/x/checkpoint.h5 -> checkpoint.best.h5)."""
+    return path.with_name(path.stem + suffix)
+
+
+def run_header(trainer, corpus, checkpoint):
+    """The first record of a run: who, when, with what configuration, on what."""
+    from dataclasses import asdict
+
+    backend = trainer.model.backend
+    header = {"run_id": trainer.extra_meta["run_id"], "gpurnn": package_version("gpurnn"),
+              "backend": backend.name, "device": backend.describe().get("device"),
+              "model_name": trainer.extra_meta["model_name"], "corpus": str(corpus or "demo"),
+              "checkpoint": str(checkpoint),
+              "config": asdict(trainer.config), "specs": trainer.model.specs}
+    if trainer.iteration:
+        header["resumed_at"] = trainer.iteration
+    return header
+
+
+def train_with_progress(ctx, trainer, log, quiet, corpus):
+    """Run the trainer with a progress display; the final summary line."""
+    from .train.progress import TrainingProgress, fit_fields, is_terminal, terminal_width
+    from .train.trainer import Interrupted
+
+    cfg = trainer.config
+    progress = TrainingProgress(trainer.total_iters, quiet=quiet, first=trainer.iteration,
+                                tokens_per_iter=cfg.batch_size * cfg.time_size)
+    trainer.on_step, trainer.on_eval, trainer.on_notice = progress.on_step, progress.on_eval, progress.notice
     trainer.on_log = lambda record: (log(record), progress.on_log(record))
-    if not quiet:
-        cfg = trainer.config
-        click.echo(f"training {' -> '.join(s['type'] for s in trainer.model.specs)} on "
-                   f"{corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}): "
-                   f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g} "
-                   f"iterations {trainer.iteration}..{trainer.total_iters}", err=True)
+    progress.message([f"training {' -> '.join(s['type'] for s in trainer.model.specs)}",
+                      f"on {corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}):",
+                      f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g}",
+                      f"iterations {trainer.iteration}..{trainer.total_iters}"])
     try:
         trainer.run()
     except Interrupted as exc:
         progress.close()
-        click.echo(f"{exc}; checkpoint saved to {checkpoint}" if checkpoint else str(exc), err=True)
+        click.echo(f"{exc}; checkpoint saved to {trainer.checkpoint_path}", err=True)
         ctx.exit(exc.exit_code)
     finally:
-        history = log.history() if plot else []
-        if history:
-            plot_perplexity(history, plot)
-    progress.close()
+        progress.close()
     last = log.records[-1] if log.records else {}
     summary = {k: last[k] for k in ("iteration", "epoch", "train_perplexity", "valid_perplexity") if k in last}
-    click.echo(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    fields = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()]
+    return fit_fields(fields, terminal_width(sys.stdout) - 1) if is_terminal(sys.stdout) else " ".join(fields)
 
 
-@cli.command("eval")
+def plot_current_run(log, path):
+    from .train.metrics import plot_run, read_records, run_records
+
+    plot_run(*run_records(read_records(log.path), log.run_id), path)
+
+
+@cli.command("eval", cls=SectionCommand)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("corpus", type=click.Path(dir_okay=False))
-@click.option("--split", default="test", show_default=True, help="Split to score.")
-@click.option("--batch-size", default=10, show_default=True, type=click.IntRange(1),
+@click.option("--split", default="test", help="Split to score.")
+@click.option("--batch-size", default=10, type=click.IntRange(1),
               help="Lanes scored in parallel; 1 gives one exact left-to-right pass.")
-@click.option("--time-size", default=35, show_default=True, type=click.IntRange(1), help="Block length.")
+@click.option("--time-size", default=35, type=click.IntRange(1), help="Block length.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@runtime_options
 @click.pass_context
 def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
     """Perplexity of CHECKPOINT over a whole split of CORPUS.h5, every token scored once."""
@@ -227,55 +449,82 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
     from .train.checkpoint import load_checkpoint
     from .train.evaluate import perplexity
     from .train.job import check_vocab, model_from_checkpoint
+    from .train.progress import EvalProgress
 
     saved = load_checkpoint(checkpoint)
     data = open_corpus(corpus)
     check_vocab(saved, data)
     model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
-    ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size,
-                             on_note=lambda text: click.echo(f"note: {text}", err=True))
+    progress = EvalProgress(desc=split)
+    try:
+        ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size, progress=progress,
+                                 on_note=lambda text: click.echo(f"note: {text}", err=True))
+    finally:
+        progress.close()
     if as_json:
         emit_json({"perplexity": ppl, "tokens": tokens, "split": split})
     else:
         click.echo(f"{split} perplexity {ppl:.2f} over {tokens:,} tokens")
 
 
-@cli.command()
+@cli.command(cls=SectionCommand)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--prompt", default="", help="Text to start from (default: a sentence start).")
-@click.option("--length", default=50, show_default=True, type=click.IntRange(1), help="Tokens to sample.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-k", type=click.IntRange(1), help="Sample only among the K likeliest tokens.")
-@click.option("--seed", default=0, show_default=True, type=int, help="The same seed gives the same text.")
+@click.option("--prompt", default="", show_default="a sentence start", help="Text to start from.")
+@click.option("--length", "--max-tokens", "length", default=50, type=click.IntRange(1),
+              help="Tokens to generate per sample (fewer with --stop-at-eos).")
+@click.option("--num-samples", default=1, type=click.IntRange(1), help="Samples to draw, side by side.")
+@click.option("--temperature", default=1.0, type=click.FloatRange(min=0),
+              help="Divide the logits by this: below 1 is more conservative; 0 is greedy decoding.")
+@click.option("--greedy", is_flag=True, help="Always take the likeliest token (the same as --temperature 0).")
+@click.option("--top-k", type=click.IntRange(1), show_default="all tokens",
+              help="Sample only among the K likeliest tokens.")
+@click.option("--stop-at-eos", is_flag=True, help="End a sample at its first <eos> (a line end at word level).")
+@click.option("--seed", default=0, type=int, help="The same seed gives the same text.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), show_default="stdout",
+              help="Write the samples to this file (atomically).")
+@runtime_options
 @click.pass_context
-def generate(ctx, checkpoint, prompt, length, temperature, top_k, seed):
-    """Sample text from a trained CHECKPOINT."""
+def generate(ctx, checkpoint, prompt, length, num_samples, temperature, greedy, top_k, stop_at_eos, seed, output):
+    """Sample text from a trained CHECKPOINT; several samples are separated by a blank line."""
+    from .atomic import atomic_path
     from .data import Vocab
     from .train.checkpoint import load_checkpoint
-    from .train.generate import generate_text
+    from .train.generate import generate_texts
     from .train.job import model_from_checkpoint
 
     saved = load_checkpoint(checkpoint)
     model = model_from_checkpoint(saved, backend_from(ctx), registry_from(ctx))
-    text = generate_text(model, Vocab(saved.vocab), saved.meta.get("level", "word"), prompt, length,
-                         temperature, top_k, seed)
-    click.echo(text)
+    texts = generate_texts(model, Vocab(saved.vocab), saved.meta.get("level", "word"), prompt, length,
+                           0.0 if greedy else temperature, top_k, seed, num_samples, stop_at_eos)
+    text = "\n\n".join(t.rstrip("\n") for t in texts) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with atomic_path(output) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise GpurnnError(f"cannot write {output}: {exc.strerror}") from None
+    click.echo(f"{len(texts)} sample(s) written to {output}", err=True)
 
 
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     try:
-        code = cli.main(args=argv, prog_name="gpurnn", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="gpurnn", standalone_mode=False, auto_envvar_prefix="GPURNN")
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
         click.echo("aborted", err=True)
         return 130
     except (GpurnnError, click.ClickException) as exc:
-        if debug_requested():
+        if debug_requested(argv):
             raise
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         click.echo(f"gpurnn: error: {message}", err=True)
+        ctx = getattr(exc, "ctx", None)
+        if isinstance(exc, click.UsageError) and ctx is not None:
+            click.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -56,6 +56,9 @@ class PathLock:
         os.close(self._fd)
         self._fd = None
 
+    def __del__(self):  # a lock dropped by an error path (the holder never ran) is not kept
+        self.release()
+
     def __enter__(self):
         return self.acquire()
 

@@ -22,49 +22,46 @@ from .layers import LayerContext, layer_repr
 from .registry import check_spec
 
 
-def simple_rnnlm(wordvec_size=100, hidden_size=100):
+def recurrent_lm(cell, wordvec_size, hidden_size, num_layers=1, dropout=None, tie_weights=False):
+    """embedding -> `num_layers` recurrent layers of type `cell` -> affine -> softmax loss.
+
+    With a dropout rate (None: no dropout layers), a dropout layer goes before, between and after the
+    recurrent layers (Zaremba et al.); with tie_weights the output affine shares the embedding's table,
+    so wordvec_size must equal hidden_size.
+    """
+    drop = [] if dropout is None else [{"type": "dropout", "p": dropout}]
+    specs = [{"type": "embedding", "size": wordvec_size}, *drop]
+    for _ in range(num_layers):
+        specs += [{"type": cell, "hidden_size": hidden_size}, *drop]
+    affine = {"type": "affine", "tie_to": "embedding"} if tie_weights else {"type": "affine"}
+    return specs + [affine, {"type": "softmax_loss"}]
+
+
+def simple_rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False):
     """The textbook's SimpleRnnlm: embedding -> Elman RNN -> affine -> softmax loss."""
-    return [
-        {"type": "embedding", "size": wordvec_size},
-        {"type": "rnn", "hidden_size": hidden_size},
-        {"type": "affine"},
-        {"type": "softmax_loss"},
-    ]
+    return recurrent_lm("rnn", wordvec_size, hidden_size, num_layers, dropout, tie_weights)
 
 
-def rnnlm(wordvec_size=100, hidden_size=100):
+def rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False):
     """The textbook's chapter-6 Rnnlm: embedding -> LSTM -> affine -> softmax loss."""
-    return [
-        {"type": "embedding", "size": wordvec_size},
-        {"type": "lstm", "hidden_size": hidden_size},
-        {"type": "affine"},
-        {"type": "softmax_loss"},
-    ]
+    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights)
 
 
-def better_rnnlm(wordvec_size=650, hidden_size=650, dropout=0.5):
+def better_rnnlm(wordvec_size=650, hidden_size=650, num_layers=2, dropout=0.5, tie_weights=True):
     """The textbook's BetterRnnlm (Zaremba et al.'s medium model with tied weights).
 
     Two LSTMs with dropout before, between and after them; the output affine shares the embedding's
     table, so wordvec_size must equal hidden_size.
     """
-    return [
-        {"type": "embedding", "size": wordvec_size},
-        {"type": "dropout", "p": dropout},
-        {"type": "lstm", "hidden_size": hidden_size},
-        {"type": "dropout", "p": dropout},
-        {"type": "lstm", "hidden_size": hidden_size},
-        {"type": "dropout", "p": dropout},
-        {"type": "affine", "tie_to": "embedding"},
-        {"type": "softmax_loss"},
-    ]
+    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights)
 
 
 PRESETS = {"simple-rnnlm": simple_rnnlm, "rnnlm": rnnlm, "better-rnnlm": better_rnnlm}
 
 
 def preset_specs(name, **sizes):
-    """The layer specs of preset `name`, with its size options (e.g. hidden_size=100)."""
+    """The layer specs of preset `name`, with its options (wordvec_size, hidden_size, num_layers,
+    dropout, tie_weights)."""
     if name not in PRESETS:
         raise SpecError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     try:

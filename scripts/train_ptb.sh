@@ -5,7 +5,12 @@
 # --batch-size 1 (one exact left-to-right pass). A checkpoint is written every 200 iterations: run the
 # script again after a stop and it resumes where it stopped (bit-identically on NumPy, the learning
 # rate as the checkpoint left it).
-# Usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]   (PTB from $GPURNN_PTB_DIR, default ../shared/data/ptb)
+# Usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]
+#
+# Penn Treebank is not shipped or downloaded here: the script reads ptb.train.txt, ptb.valid.txt and
+# ptb.test.txt (Mikolov's preprocessed PTB, the data/ folder of his RNNLM "simple-examples" archive)
+# from $GPURNN_PTB_DIR, default ../shared/data/ptb relative to the repository root, and stops with
+# one line when they are not there.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 model="${1:-}"
@@ -15,6 +20,9 @@ case "$model" in
     *) echo "error: name the model: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR] (got '$model')" >&2; exit 2 ;;
 esac
 ptb="${GPURNN_PTB_DIR:-$repo/../shared/data/ptb}"
+for split in train valid test; do
+    [ -f "$ptb/ptb.$split.txt" ] || { echo "error: no $ptb/ptb.$split.txt: set GPURNN_PTB_DIR to the folder holding ptb.{train,valid,test}.txt" >&2; exit 2; }
+done
 run="${2:-$repo/runs/ptb-$model}"
 mkdir -p "$run"
 [ -f "$run/ptb.h5" ] || gpurnn prepare "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" \

@@ -40,21 +40,63 @@ def test_plugins_lists_builtins_and_a_user_plugin(capsys, tmp_path):
     assert "scaled_tanh" in out and "Elman" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--plugin", "no_such_plugin_module", "plugins"], "plugin 'no_such_plugin_module' failed to import"),
-    (["--backend", "gpu", "info"], "Invalid value for '--backend'"),
-    (["nosuchcommand"], "No such command"),
-])
-def test_errors_are_one_line_exit_2(capsys, args, message):
-    code, out, err = run(capsys, *args)
+def test_errors_are_one_line_exit_2(capsys):
+    code, out, err = run(capsys, "--plugin", "no_such_plugin_module", "plugins")
     assert code == 2
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert "plugin 'no_such_plugin_module' failed to import" in err and err.count("\n") == 1
+    assert "Traceback" not in err
 
 
-def test_cupy_unusable_from_the_cli(capsys, monkeypatch):
+@pytest.mark.parametrize("args, message, hint", [
+    (["--backend", "gpu", "info"], "Invalid value for '--backend'", "Try 'gpurnn -h' for help."),
+    (["nosuchcommand"], "No such command", "Try 'gpurnn -h' for help."),
+    (["train", "--bogus"], "No such option '--bogus'", "Try 'gpurnn train -h' for help."),
+    (["generate", "ck.h5", "--temperature", "-1"], "Invalid value for '--temperature'",
+     "Try 'gpurnn generate -h' for help."),
+])
+def test_usage_errors_are_one_line_and_the_help_hint_exit_2(capsys, args, message, hint):
+    code, out, err = run(capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    first, second = err.splitlines()
+    assert first.startswith("gpurnn: error: ") and message in first and second == hint
+
+
+def test_cupy_unusable_from_the_cli(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "cupy", None)
-    code, _, err = run(capsys, "--backend", "cupy", "info")
+    code, _, err = run(capsys, "--backend", "cupy", "train", "--max-iters", "1")
     assert code == 2 and "--backend numpy" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no empty run folder left behind
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_info_reports_every_backend_and_never_fails(capsys, monkeypatch, how):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    if how == "environment":
+        monkeypatch.setenv("GPURNN_BACKEND", "cupy")
+        args = ["info", "--json"]
+    else:
+        args = ["--backend", "cupy", "info", "--json"]
+    code, out, _ = run(capsys, *args)
+    report = json.loads(out)
+    assert code == 0
+    assert report["backends"]["numpy"] == "usable"
+    assert report["backends"]["cupy"].startswith("unusable: CuPy is not installed")
+    assert report["backend"] is None and "the cupy backend is unusable" in report["why"]
+    code, out, _ = run(capsys, *args[:-1])
+    assert code == 0 and "backend cupy: unusable" in out
+
+
+def test_backend_and_plugin_on_every_subcommand(capsys, tmp_path):
+    path = tmp_path / "st.py"
+    path.write_text(SCALED_TANH)
+    code, out, _ = run(capsys, "plugins", "--plugin", str(path), "--json")
+    assert code == 0 and "scaled_tanh" in {r["type"] for r in json.loads(out)}
+    code, out, _ = run(capsys, "--backend", "cupy", "info", "--backend", "numpy", "--json")
+    assert code == 0 and json.loads(out)["backend"] == "numpy"  # the subcommand's wins
+    for command in ("prepare", "corpus-info", "train", "eval", "generate"):
+        code, out, _ = run(capsys, command, "-h")
+        assert code == 0 and "--backend [numpy|cupy|auto]" in out and "--plugin MODULE" in out
 
 
 def test_python_dash_m_and_no_traceback():

@@ -16,6 +16,12 @@ from .faultkit import (SMALL_RUN, assert_good_checkpoint, assert_one_line_error,
                        train_small, unmount, unused_pid)
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """A run without --checkpoint makes its run folder under runs/ in the current folder: not the repo's."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small corpus, a checkpoint trained on it, and the checkpoint's test perplexity as eval --json prints it."""
@@ -68,13 +74,14 @@ def test_a_full_disk_ends_with_the_cause_and_keeps_the_previous_checkpoint(tmp_p
     fill(full_disk)
     before = ck.read_bytes()
     code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 50, "--save-every", 1, "--checkpoint", ck,
-                       "--resume")
+                       "--metrics", tmp_path / "m.jsonl", "--resume")
     note, err = err.splitlines(keepends=True)  # the note says the decayed lr is kept
     assert note.startswith("resume: lr 0.5 from the checkpoint is kept")
     assert_one_line_error(code, err, f"cannot write checkpoint {ck}: No space left on device",
                           "the last good checkpoint (iteration 40) is kept")
     assert ck.read_bytes() == before and assert_good_checkpoint(ck) == 40
-    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--metrics", full_disk / "m.jsonl")
+    code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--checkpoint", tmp_path / "x.h5",
+                       "--metrics", full_disk / "m.jsonl")
     assert_one_line_error(code, err, f"cannot write metrics to {full_disk / 'm.jsonl'}: No space left on device")
     folder = corpus.parent
     code, _, err = cli("prepare", folder / "train.txt", "--valid", folder / "valid.txt", "-o", full_disk / "c.h5")
@@ -164,7 +171,7 @@ def test_stale_temporary_files_of_dead_processes_are_removed(trained, tmp_path):
     code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 3, "--checkpoint", ck)
     assert code == 0, err
     assert not stale.exists() and alive.exists()  # another live process may still be writing that one
-    assert sorted(os.listdir(tmp_path)) == sorted(["ck.h5", alive.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["ck.h5", "ck.metrics.jsonl", alive.name])
 
 
 def prepare_text(data, level):

@@ -11,7 +11,7 @@ from gpurnn.model import Model, preset_specs
 from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
 from gpurnn.data.stream import IGNORE, eval_batches
 from gpurnn.train.evaluate import perplexity
-from gpurnn.train.generate import generate_text, prompt_ids, prompt_tokens, sample
+from gpurnn.train.generate import generate_texts, prompt_ids, prompt_tokens, sample
 from gpurnn.ops import ELEMENT_BLOCK
 from gpurnn.train.optim import Adam, SGD, make_optimizer
 
@@ -173,51 +173,59 @@ def test_sampling_is_reproducible_and_respects_top_k(registry, np64):
     assert prompt_ids(vocab, prompt_tokens("a zzz\nb", "word")) == [0, 4, 3, 1]
     assert prompt_ids(vocab, []) == [3]  # an empty prompt starts as after a sentence end
     ids = [0, 4]
-    first = sample(model, ids, 30, seed=7)
-    assert first == sample(model, ids, 30, seed=7)
-    assert first != sample(model, ids, 30, seed=8)
+    [first] = sample(model, ids, 30, seed=7)
+    assert len(first) == 30 and [first] == sample(model, ids, 30, seed=7)
+    assert [first] != sample(model, ids, 30, seed=8)
     assert sample(model, ids, 30, top_k=1, seed=1) == sample(model, ids, 30, top_k=1, seed=2)  # greedy
-    text = generate_text(model, vocab, "word", "a b", length=5, seed=3)
+    [text] = generate_texts(model, vocab, "word", "a b", length=5, seed=3)
     assert text.startswith("a b") and len(text.split()) >= 3
     with pytest.raises(GpurnnError, match="temperature"):
-        sample(model, ids, 3, temperature=0)
+        sample(model, ids, 3, temperature=-1)
 
 
-class FakeTerminal:
-    """A text stream that says it is a terminal, for the progress bar."""
-
-    def __init__(self, tty):
-        self.tty, self.text = tty, ""
-
-    def isatty(self):
-        return self.tty
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
+def test_greedy_takes_the_likeliest_token_at_every_step(registry, np64):
+    """Temperature 0 equals top-k 1, and each token is the argmax of the model's own logits."""
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
+    [greedy] = sample(model, [0, 4], 12, temperature=0, seed=1)
+    assert [greedy] == sample(model, [0, 4], 12, top_k=1, seed=9)
+    model.reset_state()
+    logits = model.predict(np.array([[0, 4]], np.int32))[0, -1]
+    for token in greedy:
+        assert token == int(np.argmax(logits))
+        logits = model.predict(np.array([[token]], np.int32))[0, -1]
 
 
-def test_progress_bar_on_a_terminal_and_lines_otherwise():
-    from gpurnn.progress import TrainingProgress
-    record = {"iteration": 10, "epoch": 0.5, "lr": 0.1, "train_perplexity": 123.4, "tokens_per_second": 5000.0}
-    term = FakeTerminal(True)
-    bar = TrainingProgress(20, out=term)
-    bar.on_log(record)
-    bar.on_step(10, 20)
-    assert "\r[###############" in term.text and "10/20" in term.text and "ppl 123.40" in term.text
-    assert "ETA" in term.text
-    bar.on_log({**record, "valid_perplexity": 99.0})
-    assert "valid ppl 99.00" in term.text
-    plain = FakeTerminal(False)
-    lines = TrainingProgress(20, out=plain)
-    lines.on_step(10, 20)
-    lines.on_log(record)
-    assert plain.text.count("\n") == 1 and "\r" not in plain.text and "train ppl    123.40" in plain.text
-    quiet = FakeTerminal(True)
-    TrainingProgress(20, quiet=True, out=quiet).on_log(record)
-    assert quiet.text == ""
+def test_several_samples_side_by_side_and_stop_at_eos(registry, np64):
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
+    rows = sample(model, [1], 40, seed=2, num_samples=6)
+    assert len(rows) == 6 and all(len(r) == 40 for r in rows) and len({tuple(r) for r in rows}) > 1
+    assert all(0 <= t < 5 for r in rows for t in r)
+    stopped = sample(model, [1], 40, seed=2, num_samples=6, stop_id=3)
+    for full, cut in zip(rows, stopped):  # the same draws, each cut after its first <eos> (id 3)
+        assert cut == (full[: full.index(3) + 1] if 3 in full else full)
+    assert any(3 in r for r in rows)
+
+
+def test_one_sample_draws_as_numpy_choice_does(registry, np64):
+    """One sample equals the plain loop: softmax of logits / temperature, then Generator.choice."""
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
+    [drawn] = sample(model, [0, 4], 25, temperature=0.7, seed=5)
+    rng, expected = np.random.default_rng(5), []
+    model.reset_state()
+    logits = model.predict(np.array([[0, 4]], np.int32))[0, -1]
+    for _ in range(25):
+        z = logits / 0.7
+        p = np.exp(z - z.max())
+        expected.append(int(rng.choice(5, p=p / p.sum())))
+        logits = model.predict(np.array([[expected[-1]]], np.int32))[0, -1]
+    assert drawn == expected
+
+
+def test_top_k_never_samples_outside_the_k_likeliest():
+    from gpurnn.train.generate import next_tokens
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))
+    drawn = {tuple(next_tokens(logits.copy(), 1.0, 2, np.random.default_rng(s))) for s in range(200)}
+    assert {t[0] for t in drawn} == {2, 3} and {t[1] for t in drawn} == {0, 1}
 
 
 def test_perplexity_sums_the_block_losses_in_float64(registry):

@@ -30,10 +30,11 @@ def lanes_for(model, positions, batch_size, time_size):
     return eval_lanes(positions, min(batch_size, by_memory), time_size)
 
 
-def perplexity(model, ids, batch_size=10, time_size=35, on_note=None):
+def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=None):
     """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was.
 
-    `batch_size` is lowered where it would leave a lane without a whole block or exceed the memory bound;
+    `progress(done, total)`, when given, is called after each batch (for a progress bar). `batch_size`
+    is lowered where it would leave a lane without a whole block or exceed the memory bound;
     `on_note(text)` is told when that happens.
     """
     lanes = lanes_for(model, len(ids) - 1, batch_size, time_size)
@@ -46,11 +47,14 @@ def perplexity(model, ids, batch_size=10, time_size=35, on_note=None):
     model.eval()
     model.reset_state()
     total, tokens = 0.0, 0
+    batches = list(eval_batches(ids, lanes, time_size))  # views of two (B, width) arrays
     try:
-        for xs, ts, count in eval_batches(ids, lanes, time_size):
+        for done, (xs, ts, count) in enumerate(batches, 1):
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
             total = total + loss.astype(np.float64) * count  # float64, on the device until the end
             tokens += count
+            if progress:
+                progress(done, len(batches))
         mean = float(total) / tokens
     finally:
         model.set_state(saved_state)

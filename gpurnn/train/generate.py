@@ -1,7 +1,7 @@
 """Sampling text from a trained model: a prompt, then one token at a time from the softmax.
 
 Sampling draws from a NumPy generator seeded by the caller, on the host, so the same seed gives the
-same text. Prompts are tokenized, and samples turned back into text, by the data package's rules.
+same text; several samples are drawn side by side, one batch lane each. Prompts are tokenized, and samples turned back into text, by the data package's rules.
 """
 
 import math
@@ -24,30 +24,56 @@ def prompt_ids(vocab, tokens):
     return [vocab.index.get(EOS, 0)]
 
 
-def generate_text(model, vocab, level, prompt="", length=50, temperature=1.0, top_k=None, seed=0):
-    """The prompt followed by `length` sampled tokens, as text."""
+def generate_texts(model, vocab, level, prompt="", length=50, temperature=1.0, top_k=None, seed=0,
+                   num_samples=1, stop_at_eos=False):
+    """`num_samples` texts, each the prompt followed by up to `length` sampled tokens.
+
+    With stop_at_eos a sample ends at its first <eos> (a line end at word level).
+    """
     tokens = prompt_tokens(prompt, level)
-    ids = sample(model, prompt_ids(vocab, tokens), length, temperature, top_k, seed)
-    return detokenize(tokens + vocab.decode(ids), level)
+    stop_id = vocab.index.get(EOS) if stop_at_eos else None
+    rows = sample(model, prompt_ids(vocab, tokens), length, temperature, top_k, seed, num_samples, stop_id)
+    return [detokenize(tokens + vocab.decode(row), level) for row in rows]
 
 
-def sample(model, ids, length, temperature=1.0, top_k=None, seed=0):
-    """`length` new token ids following `ids`, sampled with temperature and optional top-k."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise GpurnnError(f"--temperature must be a finite number > 0, not {temperature!r}")
+def next_tokens(logits, temperature, top_k, rng):
+    """One token id per row of host logits (N, V): greedy at temperature 0, else sampled."""
+    if top_k and top_k < logits.shape[1]:
+        dropped = np.argsort(logits, axis=1)[:, :-top_k]
+        np.put_along_axis(logits, dropped, -np.inf, axis=1)
+    if temperature == 0:
+        return logits.argmax(axis=1)
+    z = logits / temperature
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    cdf /= cdf[:, -1:]
+    u = rng.random(len(p))  # as Generator.choice(V, p=row) draws, so one sample matches it
+    return np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)
+
+
+def sample(model, ids, length, temperature=1.0, top_k=None, seed=0, num_samples=1, stop_id=None):
+    """`num_samples` lists of up to `length` new token ids following `ids`, drawn side by side.
+
+    Temperature 0 is greedy decoding (the likeliest token each time); top_k keeps only the K likeliest
+    tokens. A list ends after its first `stop_id` when one is given.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise GpurnnError(f"--temperature must be a finite number >= 0 (0 is greedy decoding), not {temperature!r}")
     backend = model.backend
     rng = np.random.default_rng(seed)
     model.eval()
     model.reset_state()
-    logits = model.predict(backend.asarray(np.array([ids], np.int32)))[0, -1]
-    out = []
+    lanes = np.tile(np.asarray(ids, np.int32), (num_samples, 1))
+    logits = model.predict(backend.asarray(lanes))[:, -1]
+    out, stopped = [], np.zeros(num_samples, bool)
     for _ in range(length):
-        z = backend.to_host(logits).astype(np.float64) / temperature
-        if top_k:
-            z[np.argsort(z)[:-top_k]] = -np.inf
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        token = int(rng.choice(len(p), p=p))
-        out.append(token)
-        logits = model.predict(backend.asarray(np.array([[token]], np.int32)))[0, -1]
-    return out
+        tokens = next_tokens(backend.to_host(logits).astype(np.float64), temperature, top_k, rng)
+        out.append(tokens)
+        if stop_id is not None:
+            stopped |= tokens == stop_id
+            if stopped.all():
+                break
+        logits = model.predict(backend.asarray(tokens[:, None].astype(np.int32)))[:, -1]
+    rows = np.stack(out, axis=1).tolist() if out else [[] for _ in range(num_samples)]
+    return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in rows]

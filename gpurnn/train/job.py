@@ -90,12 +90,11 @@ def check_outputs(corpus=None, checkpoint=None, metrics=None, plot=None, model_c
         check_output_path(plot, "plot")
 
 
-def model_specs(model="simple-rnnlm", model_config=None, wordvec_size=None, hidden_size=None):
-    """The layer specs chosen by --model-config, or by --model with its sizes."""
+def model_specs(model="simple-rnnlm", model_config=None, **preset_options):
+    """The layer specs chosen by --model-config, or by --model with its options (None: the preset's)."""
     if model_config:
         return load_model_config(model_config)
-    sizes = {k: v for k, v in (("wordvec_size", wordvec_size), ("hidden_size", hidden_size)) if v is not None}
-    return preset_specs(model, **sizes)
+    return preset_specs(model, **{k: v for k, v in preset_options.items() if v is not None})
 
 
 def corpus_source(path):
@@ -104,13 +103,15 @@ def corpus_source(path):
 
 
 def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, checkpoint=None,
-                resume=False, on_log=None, on_step=None, on_note=None):
+                resume=False, run_meta=None, best_path=None, on_note=None):
     """A ready Trainer (restored when resuming) and the corpus it reads.
 
     `options` maps TrainConfig fields to values, None meaning "default"; `explicit` names those the
-    user actually gave (only they can contradict a checkpoint). The checkpoint path is locked against
-    other trainers until the Trainer's run ends. `on_note(text)` hears of schedule options a resume
-    changes (default: printed to stderr).
+    user actually gave (only they can contradict a checkpoint). `run_meta` (such as the run id and
+    model name) goes into the trainer's `extra_meta`, saved in checkpoints; a resumed run keeps the
+    checkpoint's values, so it keeps its identity. The checkpoint path is locked against other
+    trainers until the Trainer's run ends. `on_note(text)` hears of schedule options a resume changes
+    (default: printed to stderr).
     """
     lock = None
     if checkpoint:
@@ -119,7 +120,7 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
         remove_stale_temps(checkpoint)
     try:
         trainer, corpus = _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint,
-                                       resume, on_log, on_step, on_note or _print_note)
+                                       resume, run_meta, best_path, on_note or _print_note)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -132,7 +133,7 @@ def _print_note(text):
     print(text, file=sys.stderr)
 
 
-def _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint, resume, on_log, on_step,
+def _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint, resume, run_meta, best_path,
                  on_note):
     corpus = corpus_source(corpus_path)
     saved = None
@@ -158,7 +159,8 @@ def _prepare_job(corpus_path, specs, options, explicit, backend, registry, check
                       valid_ids=valid if valid is not None and len(valid) > 1 else None,
                       checkpoint_path=checkpoint, vocab=list(corpus.vocab),
                       extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
-                      on_log=on_log, on_step=on_step)
+                      best_path=best_path)
+    trainer.extra_meta.update({k: saved.meta.get(k, v) if saved else v for k, v in (run_meta or {}).items()})
     if saved is not None:
         trainer.restore(saved)
         for line in schedule_changes(saved, config, explicit):

@@ -1,10 +1,15 @@
-"""Training records: appended to a JSONL file as they come, and drawn as perplexity curves.
+"""Run records: one JSONL file per run, a header record first, then one record per logged step.
 
-The plot needs matplotlib (the ``[plot]`` extra); `require_matplotlib` says so before training
-starts rather than after hours of it.
+The header holds the run id, the time, the full configuration, the gpurnn version and the backend
+and device. A resumed run appends to its file: a second header (with `resumed_at`) and records that
+carry the same run id, so the run reads as one. `run_records` picks one run out of a file and
+`plot_run` draws it. The plot needs matplotlib (the ``[plot]`` extra); `require_matplotlib` says so
+before training starts rather than after hours of it.
 """
 
 import json
+import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import jsontext
@@ -12,33 +17,69 @@ from ..atomic import atomic_path, os_error_cause
 from ..errors import GpurnnError
 
 
-class MetricsLog:
-    """Collects records; with a path, appends each as one JSON line (a resumed run keeps appending)."""
+def new_run_id(model_name):
+    """A run id that sorts by start time and stays unique for runs started in the same second."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{model_name}-{secrets.token_hex(2)}"
 
-    def __init__(self, path=None):
-        self.path = Path(path) if path else None
+
+def utc_now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class MetricsLog:
+    """Writes one run's records to `path` as JSON lines, and keeps them in `records`.
+
+    A new run refuses a file that exists (each run has its own); a resumed run appends to it.
+    """
+
+    def __init__(self, path, header, resume=False):
+        self.path = Path(path)
+        self.run_id = header["run_id"]
         self.records = []
-        if self.path and not self.path.parent.exists():
+        if not self.path.parent.is_dir():
             raise GpurnnError(f"cannot write metrics to {self.path}: folder {self.path.parent} does not exist")
+        if self.path.exists() and not resume:
+            raise GpurnnError(f"metrics file {self.path} already holds a run: pass --resume to continue "
+                              "that run, or choose another --metrics file")
+        self._write({"kind": "header", "time": utc_now(), **header})
+
+    def _write(self, record):
+        try:
+            with open(self.path, "a") as f:
+                f.write(jsontext.dumps(record) + "\n")
+        except OSError as exc:
+            raise GpurnnError(f"cannot write metrics to {self.path}: {os_error_cause(exc)}") from None
 
     def __call__(self, record):
         self.records.append(record)
-        if self.path:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(jsontext.dumps(record) + "\n")
-            except OSError as exc:
-                raise GpurnnError(f"cannot write metrics to {self.path}: {os_error_cause(exc)}") from None
+        self._write({"kind": "step", "run_id": self.run_id, **record})
 
-    def history(self):
-        """Every record in the file (earlier runs included) followed by this run's, for plotting."""
-        if not self.path or not self.path.exists():
-            return list(self.records)
-        try:
-            with open(self.path) as f:
-                return [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError) as exc:
-            raise GpurnnError(f"cannot read metrics from {self.path}: {os_error_cause(exc)}") from None
+
+def read_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_records(records, run_id):
+    """(first header, step records) of run `run_id`, in iteration order.
+
+    Where the run was resumed at iteration k, the records written after k by the stopped process
+    (never saved in a checkpoint) are replaced by the resumed process's.
+    """
+    headers, steps = [], []
+    for record in records:
+        if record.get("run_id") != run_id:
+            continue
+        if record.get("kind") == "header":
+            headers.append(record)
+            resumed_at = record.get("resumed_at")
+            if resumed_at is not None:
+                steps = [r for r in steps if r["iteration"] <= resumed_at]
+        else:
+            steps.append(record)
+    if not headers:
+        raise GpurnnError(f"no run {run_id!r} in the metrics records")
+    return headers[0], steps
 
 
 def require_matplotlib():
@@ -48,24 +89,46 @@ def require_matplotlib():
         raise GpurnnError("--plot needs matplotlib: pip install 'gpurnn[plot]'") from None
 
 
-def plot_perplexity(records, path):
-    """Train (and validation, where evaluated) perplexity against iteration, as a PNG, atomically."""
+def run_figure(header, steps):
+    """A matplotlib figure of one run: train and validation perplexity against iteration.
+
+    The epoch is on a second axis along the top, learning-rate changes are dotted vertical lines, and
+    the title names the model and the corpus.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["iteration"] for r in records], [r["train_perplexity"] for r in records], label="train")
-    valid = [r for r in records if "valid_perplexity" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["iteration"] for r in steps], [r["train_perplexity"] for r in steps], label="train")
+    valid = [r for r in steps if "valid_perplexity" in r]
     if valid:
         ax.plot([r["iteration"] for r in valid], [r["valid_perplexity"] for r in valid], "o-", label="valid")
+    for before, after in zip(steps, steps[1:]):  # a decay follows the validation of `before`'s iteration
+        if after["lr"] != before["lr"]:
+            ax.axvline(before["iteration"], color="gray", linestyle=":", linewidth=1)
+            ax.annotate(f"lr {after['lr']:.3g}", (before["iteration"], 1), xycoords=("data", "axes fraction"),
+                        xytext=(2, -12), textcoords="offset points", fontsize=8, color="gray")
+    per_epoch = next((r["iteration"] / r["epoch"] for r in steps if r["epoch"]), None)
+    if per_epoch:
+        top = ax.secondary_xaxis("top", functions=(lambda i: i / per_epoch, lambda e: e * per_epoch))
+        top.set_xlabel("epoch")
     ax.set_xlabel("iteration")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    ax.set_title(f"{header['model_name']} on {header['corpus']} (run {header['run_id']})", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_run(header, steps, path):
+    """Draw one run (see `run_figure`) into a PNG at `path`, atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = run_figure(header, steps)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -77,19 +77,24 @@ class Trainer:
     """Runs a model over a stream; `run()` trains until epochs/max_iters, saving where asked.
 
     on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
-    tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total) is called
-    after every iteration, for progress bars; on_notice(message) receives one-off notices.
+    tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total, loss) is
+    called after every iteration with the loss still on the device, and on_eval(done, total) after
+    each validation batch, for progress bars; on_notice(message) receives one-off notices. With
+    `best_path`, the checkpoint of the best validation perplexity so far is also written there.
     """
 
     def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
-                 vocab=(), extra_meta=None, on_log=None, on_step=None, on_notice=None):
+                 vocab=(), extra_meta=None, on_log=None, on_step=None, on_eval=None, on_notice=None,
+                 best_path=None):
         self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
         self.valid_ids = valid_ids
         self.checkpoint_path = checkpoint_path
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
         self.on_log = on_log or (lambda record: None)
-        self.on_step = on_step or (lambda iteration, total: None)
+        self.on_step = on_step or (lambda iteration, total, loss: None)
+        self.on_eval = on_eval
         self.on_notice = on_notice or (lambda message: None)
+        self.best_path = best_path
         backend = model.backend
         self.graph = (CapturedStep(self._compute, backend.xp, lambda m: self.on_notice(m))
                       if backend.is_gpu and config.cuda_graph else None)
@@ -171,7 +176,7 @@ class Trainer:
                 self._log(evaluate)
             if save or self._stop_requested:
                 self.save()
-            self.on_step(i, total)
+            self.on_step(i, total, loss)
             if self._stop_requested:
                 raise Interrupted(f"interrupted at iteration {i}")
 
@@ -207,22 +212,30 @@ class Trainer:
                   "lr": self.optimizer.lr, "train_perplexity": perplexity_of_loss(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
-            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size)
+            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
+                                  progress=self.on_eval)
             if self.graph is not None:
                 self.graph.reset()
             record["valid_perplexity"] = valid
-            if self.config.eval_every and self.iteration % self.config.eval_every == 0:
-                self._plateau(valid)  # only on schedule: where a run stops must not change its course
+            scheduled = not self.config.eval_every or self.iteration % self.config.eval_every == 0
+            # Only scheduled evaluations feed the decay rule and the best checkpoint: the extra one at
+            # the end of a run must not change the course of a run resumed from there.
+            if scheduled and self._plateau(valid) and self.best_path:
+                self.save(self.best_path)
         self.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
 
     def _plateau(self, valid):
-        """Keep the best validation perplexity; decay the learning rate when it stops improving."""
+        """Keep the best validation perplexity; decay the learning rate when it stops improving.
+
+        True when `valid` is a new best."""
         if valid < self.best_valid:
             self.best_valid = valid
-        elif self.config.lr_decay:
+            return True
+        if self.config.lr_decay:
             self.optimizer.lr *= self.config.lr_decay
+        return False
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -230,22 +243,23 @@ class Trainer:
         return (f"; the last good checkpoint (iteration {self.saved_iteration}) is kept"
                 if self.saved_iteration is not None else "")
 
-    def save(self):
-        """Write everything needed to resume to the checkpoint path (if any), atomically.
+    def save(self, path=None):
+        """Write everything needed to resume to `path` or the checkpoint path (if any), atomically.
 
         Refuses (TrainingDiverged) to write non-finite parameters, leaving the last good checkpoint.
         """
-        if not self.checkpoint_path:
+        path = path or self.checkpoint_path
+        if not path:
             return
         self._saving = True
         try:
-            self._save()
+            self._save(path)
         finally:
             self._saving = False
         if self._abort_signal is not None:
             self._abort(self._abort_signal)
 
-    def _save(self):
+    def _save(self, path):
         backend = self.model.backend
         params = {k: backend.to_host(v) for k, v in self.model.params.items()}
         bad = [k for k, v in params.items() if not np.isfinite(v).all()]
@@ -268,13 +282,14 @@ class Trainer:
             "backend": backend.name,
         }
         try:
-            save_checkpoint(self.checkpoint_path, params=params,
+            save_checkpoint(path, params=params,
                             optimizer_arrays=arrays,
                             state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
                             vocab=self.vocab, meta=meta, layouts=self.model.param_layouts())
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._kept()}") from None
-        self.saved_iteration = self.iteration
+        if path == self.checkpoint_path:
+            self.saved_iteration = self.iteration
 
     def restore(self, checkpoint):
         """Continue from a loaded Checkpoint made by `save` for this same model and stream."""
