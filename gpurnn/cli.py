@@ -14,6 +14,7 @@ import click
 from .backend import get_backend
 from .errors import GpurnnError
 from .registry import Registry
+from .train.parallel import on_every_rank
 
 
 def debug_requested():
@@ -164,9 +165,13 @@ def explicit_options(ctx, names):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write train/valid perplexity curves to this PNG (needs gpurnn[plot]).")
 @click.option("--quiet", is_flag=True, help="Print only the final summary.")
 @click.pass_context
+@on_every_rank
 def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoint, resume, metrics, plot, quiet,
           **train_options):
-    """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo)."""
+    """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo).
+
+    Under `mpiexec -n R` the R processes train one model together, each on B / R lanes of the batch.
+    """
     from .progress import TrainingProgress
     from .train.job import model_specs, prepare_job
     from .train.metrics import MetricsLog, plot_perplexity, require_matplotlib

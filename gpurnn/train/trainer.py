@@ -19,6 +19,7 @@ from ..errors import GpurnnError
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity
 from .optim import clip_scale
+from .parallel import Group
 
 
 class TrainingDiverged(GpurnnError):
@@ -54,11 +55,16 @@ class Trainer:
     on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
     tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total) is called
     after every iteration, for progress bars.
+
+    Data parallel: `group` (parallel.Group) is this rank's place among R ranks, each training on the
+    stream's `lanes`; the gradients are summed over the ranks after backward, and rank 0 alone logs,
+    evaluates and writes checkpoints. Without a group the trainer is one process.
     """
 
     def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
-                 vocab=(), extra_meta=None, on_log=None, on_step=None):
+                 vocab=(), extra_meta=None, on_log=None, on_step=None, group=None):
         self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
+        self.group = group or Group()
         self.valid_ids = valid_ids
         self.checkpoint_path = checkpoint_path
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
@@ -88,7 +94,7 @@ class Trainer:
         self.save()
 
     def _request_stop(self, signum, frame):
-        if self._stop_requested:  # a second Ctrl-C stops at once
+        if self._stop_requested or self.group.size > 1:  # a second Ctrl-C, or many ranks: stop at once
             raise KeyboardInterrupt
         self._stop_requested = True
 
@@ -100,8 +106,9 @@ class Trainer:
         while self.iteration < total:
             xs, ts = next(self.stream)
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
-            model.backward()
+            model.backward(self.stream.lane_share)  # this rank's share of the global mean loss
             grads = model.grads
+            self.group.reduce_gradients(grads)
             self.optimizer.step(model.params, grads, clip_scale(grads, cfg.clip))
             self.iteration += 1
             self._window.append(loss)
@@ -120,6 +127,7 @@ class Trainer:
         """Read the window's losses back (the only host sync), check them, report, maybe evaluate."""
         backend = self.model.backend
         losses = backend.to_host(backend.xp.stack(self._window)).astype(float)
+        losses = self.group.sum(losses * self.stream.lane_share)  # the global batch's mean losses
         first = self.iteration - len(losses) + 1
         bad = [first + k for k, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
@@ -132,10 +140,12 @@ class Trainer:
                   "lr": self.optimizer.lr, "train_perplexity": math.exp(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
-            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size)
+            valid = self.group.from_root(lambda: perplexity(self.model, self.valid_ids, self.config.eval_batch_size,
+                                                            self.config.time_size)[0])
             record["valid_perplexity"] = valid
             self._plateau(valid)
-        self.on_log(record)
+        if self.group.rank == 0:
+            self.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
 
@@ -149,10 +159,17 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save(self):
-        """Write everything needed to resume to the checkpoint path (if any), atomically."""
+        """Write everything needed to resume to the checkpoint path (if any), atomically.
+
+        With many ranks, every lane's state is gathered to rank 0, which alone writes the file.
+        """
         if not self.checkpoint_path:
             return
         backend = self.model.backend
+        state = self.group.gather_lanes({k: backend.to_host(v) for k, v in self.model.get_state().items()})
+        if self.group.rank != 0:
+            self.saved_iteration = self.iteration
+            return
         opt_state = self.optimizer.state_dict()
         arrays = {k: backend.to_host(v) for k, v in opt_state.items() if not isinstance(v, (int, float))}
         scalars = {k: v for k, v in opt_state.items() if isinstance(v, (int, float))}
@@ -171,7 +188,7 @@ class Trainer:
         save_checkpoint(self.checkpoint_path,
                         params={k: backend.to_host(v) for k, v in self.model.params.items()},
                         optimizer_arrays=arrays,
-                        state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
+                        state=state,
                         vocab=self.vocab, meta=meta)
         self.saved_iteration = self.iteration
 
@@ -182,7 +199,8 @@ class Trainer:
         self.optimizer.load_state_dict({**meta["optimizer_scalars"],
                                         **{k: backend.asarray(v) for k, v in checkpoint.optimizer_arrays.items()}})
         self.optimizer.lr = meta["trainer"]["lr"]
-        model.set_state({k: backend.asarray(v) for k, v in checkpoint.state.items()})
+        lo, hi = self.stream.lanes  # the saved state holds every lane of the global batch
+        model.set_state({k: backend.asarray(v[lo:hi]) for k, v in checkpoint.state.items()})
         self.stream.load_state_dict(meta["stream"])
         backend.set_generator_state(model.generator, meta["generator"])
         self.iteration = meta["trainer"]["iteration"]
