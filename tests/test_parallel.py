@@ -18,6 +18,7 @@ import pytest
 
 from gpurnn.train import parallel
 from gpurnn.train.checkpoint import load_checkpoint
+from tests.conftest import write_small_corpus
 
 TESTS = Path(__file__).parent
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -57,17 +58,7 @@ def max_relative_error(path_a, path_b):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A prepared word corpus (train/valid/test) from the shipped PTB sample."""
-    from importlib.resources import files
-
-    from gpurnn.data import prepare_corpus
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = files("gpurnn.data").joinpath("ptb_first_1000_words.txt").read_text().splitlines()
-    for name, part in (("train", lines[:30]), ("valid", lines[30:37]), ("test", lines[37:])):
-        (folder / f"{name}.txt").write_text("\n".join(part) + "\n")
-    out = folder / "small.h5"
-    prepare_corpus(folder / "train.txt", out, valid=folder / "valid.txt", test=folder / "test.txt")
-    return out
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def train64(ranks, corpus, checkpoint, iters, resume=False):
@@ -270,3 +261,13 @@ def test_an_error_on_one_rank_aborts_every_rank_with_its_message(corpus, tmp_pat
     assert str(folder) in message and "Traceback" not in output  # one line naming the missing folder
     resumes(corpus, tmp_path / "moved" / "ck.h5")
 
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_at_once_and_the_last_checkpoint_resumes(corpus, tmp_path):
+    checkpoint = tmp_path / "ck.h5"
+    job = start_long_run(corpus, checkpoint)
+    job.send_signal(signal.SIGINT)  # to mpiexec, which passes it on to the ranks
+    code, output = finished_within(job, 30)
+    assert code == 130 and "gpurnn: error: rank 0 of 2: interrupted; resume from the last saved checkpoint" in output
+    resumes(corpus, checkpoint)

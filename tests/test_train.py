@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gpurnn.cli import main
+from tests.conftest import write_small_corpus
 from gpurnn.train.checkpoint import load_checkpoint
 
 
@@ -172,15 +173,7 @@ def test_plot_needs_matplotlib_or_draws(capsys, tmp_path):
 
 @pytest.fixture
 def small_corpus(tmp_path):
-    """A prepared word corpus with train/valid/test splits from the first PTB lines (shipped demo text)."""
-    from gpurnn.data import prepare_corpus
-    from importlib.resources import files
-    lines = files("gpurnn.data").joinpath("ptb_first_1000_words.txt").read_text().splitlines()
-    for name, part in (("train", lines[:30]), ("valid", lines[30:37]), ("test", lines[37:])):
-        (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
-    out = tmp_path / "small.h5"
-    prepare_corpus(tmp_path / "train.txt", out, valid=tmp_path / "valid.txt", test=tmp_path / "test.txt")
-    return out
+    return write_small_corpus(tmp_path)
 
 
 def test_train_with_validation_decays_lr_and_eval_scores_the_whole_split(capsys, tmp_path, small_corpus):
