@@ -1,15 +1,14 @@
-"""The array backend: which array module (`xp`) is in use, and the few things that differ between them.
+"""The array backend: which array module (`xp`) is in use, and moving arrays between host and device.
 
 NumPy runs everywhere; CuPy runs on a CUDA device. `import cupy` succeeds on machines without a driver
 and only the first allocation fails, so CuPy counts as usable only after a real probe: a device exists,
 and a tiny allocation and kernel run. `auto` takes CuPy when that probe passes and NumPy otherwise,
-remembering why. Nothing here imports CuPy until a backend asks for it.
+remembering why. Nothing here imports CuPy until a backend asks for it. What an operation does
+differently on each backend lives in `gpurnn.ops`.
 """
 
 import os
 import platform
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from .errors import BackendError
@@ -48,24 +47,6 @@ def array_module(array):
     return cupy.get_array_module(array)
 
 
-def scatter_add_rows(target, index, rows):
-    """target[index[i]] += rows[i] for every i, with repeated indices summed.
-
-    The embedding's backward. NumPy's `np.add.at` is slow, so on NumPy the rows are sorted by index and
-    summed per run with `np.add.reduceat`; CuPy has an atomic `scatter_add`.
-    """
-    xp = array_module(target)
-    if xp is np:
-        order = np.argsort(index, kind="stable")
-        sorted_index = index[order]
-        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
-        target[sorted_index[starts]] += np.add.reduceat(rows[order], starts, axis=0)
-    else:
-        import cupyx
-
-        cupyx.scatter_add(target, index, rows)
-
-
 def cpu_name():
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
@@ -78,47 +59,8 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-_POOL = None
-ROW_BLOCK = 32
-
-
-def cpu_threads():
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def for_row_blocks(array, fn, block=ROW_BLOCK):
-    """Call fn(lo, hi) over row ranges covering array's rows: cache-sized blocks on all CPU cores.
-
-    For wide per-row work such as a softmax over a 10,000-word vocabulary. On NumPy the rows go in
-    blocks that fit in a core's cache, so the several passes of a softmax read memory once, and the
-    blocks run on a thread pool (NumPy's loops release the GIL). Each block's work is independent, so
-    results do not depend on the scheduling. On CuPy one call covers all rows: the GPU is the parallel part.
-    """
-    global _POOL
-    n = array.shape[0]
-    if array_module(array) is not np:
-        fn(0, n)
-        return
-    threads = cpu_threads()
-    if threads == 1 or n <= block:
-        for lo in range(0, n, block):
-            fn(lo, min(lo + block, n))
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpurnn-rows")
-    step = -(-n // threads)  # each thread takes one contiguous share, in cache-sized blocks
-
-    def share(start):
-        for lo in range(start, min(start + step, n), block):
-            fn(lo, min(lo + block, n, start + step))
-
-    for future in [_POOL.submit(share, start) for start in range(0, n, step)]:
-        future.result()
-
-
 class Backend:
-    """One array module with its float dtype; moves arrays, seeds random numbers, synchronises."""
+    """One array module with its float dtype; moves arrays, seeds initial values, synchronises."""
 
     def __init__(self, name, xp, dtype=np.float32, reason=""):
         self.name = name
@@ -150,24 +92,6 @@ class Backend:
     def host_rng(self, seed):
         """A NumPy generator; parameters are drawn on the host so both backends start identical."""
         return np.random.default_rng(seed)
-
-    def generator(self, seed):
-        """A random generator on the device, for sampling during training (dropout masks).
-
-        On NumPy its state can be saved and restored exactly (`generator_state`), so a resumed run
-        draws the same masks as an uninterrupted one.
-        """
-        if self.xp is np:
-            return np.random.default_rng(seed)
-        return self.xp.random.default_rng(seed)
-
-    def generator_state(self, generator):
-        """The generator's state as a JSON-able dict (NumPy), or None where it cannot be saved (CuPy)."""
-        return generator.bit_generator.state if self.xp is np else None
-
-    def set_generator_state(self, generator, state):
-        if state is not None and self.xp is np:
-            generator.bit_generator.state = state
 
     def synchronize(self):
         """Wait for all queued device work (needed before reading a wall clock on the GPU)."""

@@ -133,7 +133,7 @@ def report_corpus(report, as_json):
     click.echo(f"  most frequent: {frequent}")
 MODEL_OPTIONS = ("model", "model_config", "wordvec_size", "hidden_size")
 TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
-               "seed", "eval_every", "save_every", "log_every")
+               "seed", "eval_every", "save_every", "log_every", "cuda_graph")
 
 
 def explicit_options(ctx, names):
@@ -164,6 +164,8 @@ def explicit_options(ctx, names):
 @click.option("--metrics", type=click.Path(dir_okay=False), help="Append one JSON record per logged step to this file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write train/valid perplexity curves to this PNG (needs gpurnn[plot]).")
 @click.option("--quiet", is_flag=True, help="Print only the final summary.")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="CuPy: capture the training step once as a CUDA graph and replay it [default: on].")
 @click.pass_context
 @on_every_rank
 def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoint, resume, metrics, plot, quiet,
@@ -189,6 +191,7 @@ def train(ctx, corpus, model, model_config, wordvec_size, hidden_size, checkpoin
                              checkpoint=checkpoint, resume=resume)
     progress = TrainingProgress(trainer.total_iters, quiet=quiet, first=trainer.iteration)
     trainer.on_step = progress.on_step
+    trainer.on_notice = lambda message: click.echo(message, err=True)
     trainer.on_log = lambda record: (log(record), progress.on_log(record))
     if not quiet:
         cfg = trainer.config

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Backend, array_module
+from .backend import Backend
 from .errors import SpecError
+from .ops import column_sums
 
 
 @dataclass
@@ -17,16 +18,20 @@ class LayerContext:
 
     backend: the array backend (its `xp` and float dtype); rng: a NumPy generator for initial values
     (drawn on the host so NumPy and CuPy start from identical parameters); input_size: the feature size
-    of the previous layer's output (None for the first layer); vocab_size: the model's vocabulary size;
-    generator: the model's device-side generator for sampling while training (dropout masks), shared
-    by all its layers and saved in checkpoints (None where a layer is built alone: make one then).
+    of the previous layer's output (None for the first layer); vocab_size: the model's vocabulary size.
+    For layers that sample while training (dropout): seed, the model's seed; step, a 1-element uint32
+    array holding the training iteration (on the device; None where a layer is built alone); index,
+    the layer's position in the model. A mask drawn as a function of (seed, step, index) needs no
+    generator state: a resumed run, or the other backend, draws the same one.
     """
 
     backend: Backend
     rng: np.random.Generator
     input_size: int | None
     vocab_size: int
-    generator: object = None
+    seed: int = 0
+    step: object = None
+    index: int = 0
 
 
 class Layer:
@@ -55,11 +60,28 @@ class Layer:
         self.training = True
 
     def add_param(self, name, host_value):
-        """Register a parameter from a host array (stored C-contiguous); its gradient starts at zero."""
+        """Register a parameter from a host array (stored C-contiguous); its gradient starts at zero.
+
+        A model moves every parameter into one flat buffer after building (`adopt_buffers`), so read
+        parameters and gradients from `self.params` / `self.grads` when used, not from references
+        kept at construction.
+        """
         value = self.xp.ascontiguousarray(self.backend.asarray(host_value, dtype=self.backend.dtype))
         self.params[name] = value
         self.grads[name] = self.xp.zeros_like(value)
         return value
+
+    def adopt_buffers(self, param_block, grad_block):
+        """Move the parameters (values copied) and gradients into 1-D blocks of the model's flat
+        buffers, in registration order; `params` and `grads` then hold views into them."""
+        offset = 0
+        for name, value in list(self.params.items()):
+            size = value.size
+            view = param_block[offset:offset + size].reshape(value.shape)
+            view[...] = value
+            self.params[name] = view
+            self.grads[name] = grad_block[offset:offset + size].reshape(value.shape)
+            offset += size
 
     def forward(self, x):
         raise NotImplementedError
@@ -97,21 +119,37 @@ class RecurrentLayer(Layer):
         self.state = {}
 
     def get_state(self):
-        return dict(self.state)
+        """Copies of the carried arrays."""
+        return {k: v.copy() for k, v in self.state.items()}
 
     def set_state(self, state):
-        self.state = {k: state[k] for k in self.state_names if k in state}
+        """Carry the given arrays (copied); names missing from `state` start from zeros."""
+        for k in self.state_names:
+            if k in state:
+                self._store(k, state[k])
+            else:
+                self.state.pop(k, None)
+
+    def _store(self, name, value):
+        """Copy `value` into the carried array `name`, in place when the shape allows: the carried
+        arrays keep their memory from block to block, as a captured CUDA graph needs."""
+        kept = self.state.get(name)
+        if kept is not None and kept.shape == value.shape:
+            kept[...] = value
+        else:
+            self.state[name] = value.copy()
 
     def initial_state(self, batch, dtype):
-        """The carried arrays in `state_names` order; zeros when none is carried for this batch size."""
+        """Copies of the carried arrays in `state_names` order; zeros when none is carried for this batch size."""
         if self.carry and self.state and self.state[self.state_names[0]].shape[0] == batch:
-            return [self.state[k] for k in self.state_names]
+            return [self.state[k].copy() for k in self.state_names]
         return [self.xp.zeros((batch, self.output_size), dtype) for _ in self.state_names]
 
     def keep_state(self, *arrays):
-        """Carry copies of the last step's arrays (in `state_names` order) to the next block."""
+        """Carry the last step's arrays (in `state_names` order) to the next block."""
         if self.carry:
-            self.state = {k: a.copy() for k, a in zip(self.state_names, arrays)}
+            for k, a in zip(self.state_names, arrays):
+                self._store(k, a)
 
     def project(self, xs):
         """(x_tm, a): the inputs time-major as (T*B, D) rows, and x Wx + b for all steps, (T, B, gates*H)."""
@@ -139,23 +177,6 @@ class RecurrentLayer(Layer):
         column_sums(d_in2, g["b"])
         dxs = d_in2 @ self.params["Wx"].T
         return dxs.reshape(T, B, -1).transpose(1, 0, 2)
-
-
-def column_sums(a, out):
-    """out[j] = sum_i a[i, j]: a bias gradient. Written as ones @ a so BLAS reads the rows once at full
-    speed (NumPy's axis-0 sum over a 700 x 10,000 block takes about 5x longer)."""
-    xp = array_module(a)
-    return xp.matmul(xp.ones(a.shape[0], a.dtype), a, out=out)
-
-
-def sigmoid(x, out):
-    """The logistic function written into `out` (may be `x`): 0.5 * (1 + tanh(x / 2)), stable for any x."""
-    xp = array_module(x)
-    xp.multiply(x, 0.5, out=out)
-    xp.tanh(out, out=out)
-    out += 1
-    out *= 0.5
-    return out
 
 
 def require_input_size(ctx, layer_type):

@@ -5,10 +5,16 @@ embedding -> rnn -> affine -> softmax_loss. Parameters and gradients are exposed
 (``rnn.Wh``); stateful layers carry their state between calls until `reset_state()`, each its own
 (a stack of recurrent layers carries one state per layer). A layer with ``tie_to`` shares the named
 layer's weight, which stays one parameter of that layer (see `Model.backward`).
+
+All parameters live in one flat contiguous buffer (`flat_params`) and all gradients in another
+(`flat_grads`); each layer's `params` and `grads` are views into them. So the clip norm is one
+reduction, an optimizer step one pass over one array, and a data-parallel all-reduce one call.
 """
 
 import copy
 import inspect
+
+import numpy as np
 
 from .errors import SpecError
 from .layers import LayerContext
@@ -97,12 +103,14 @@ class Model:
         self.vocab_size = int(vocab_size)
         self.backend = backend
         self.names = layer_names(self.specs)
+        self.seed = int(seed)
         rng = backend.host_rng(seed)
-        self.generator = backend.generator(seed + 1)
+        self.step_counter = backend.xp.zeros(1, np.uint32)  # the training iteration, for dropout masks
         self.layers = []
         size = None
-        for spec in self.specs:
-            ctx = LayerContext(backend, rng, size, self.vocab_size, self.generator)
+        for index, spec in enumerate(self.specs):
+            ctx = LayerContext(backend, rng, size, self.vocab_size, seed=self.seed, step=self.step_counter,
+                               index=index)
             layer = registry.build_layer(spec, ctx)
             self.layers.append(layer)
             size = getattr(layer, "output_size", size)
@@ -116,6 +124,30 @@ class Model:
             raise SpecError(f"the first layer must read token ids (such as embedding), "
                             f"not {self.specs[0]['type']!r}")
         self.tied = self._tie_layers()
+        self.flat_params, self.flat_grads = self._flatten()
+
+    def _flatten(self):
+        """Move every layer's parameters and gradients into two flat buffers, layer by layer."""
+        xp, dtype = self.backend.xp, self.backend.dtype
+        sizes = [sum(p.size for p in layer.params.values()) for layer in self.layers]
+        flat_params, flat_grads = xp.empty(sum(sizes), dtype), xp.zeros(sum(sizes), dtype)
+        offset = 0
+        for layer, size in zip(self.layers, sizes):
+            layer.adopt_buffers(flat_params[offset:offset + size], flat_grads[offset:offset + size])
+            offset += size
+        return flat_params, flat_grads
+
+    def views(self, flat):
+        """{"layer.param": view} of a flat array laid out like `flat_params` (e.g. Adam's moments)."""
+        views, offset = {}, 0
+        for name, p in self.params.items():
+            views[name] = flat[offset:offset + p.size].reshape(p.shape)
+            offset += p.size
+        return views
+
+    def set_step(self, iteration):
+        """Tell the layers which training iteration runs next (dropout masks depend on it)."""
+        self.step_counter[...] = iteration
 
     def _tie_layers(self):
         """Wire each layer with a `tie_to` to the layer it names; return the tied layers."""

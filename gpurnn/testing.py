@@ -7,8 +7,10 @@
 input's gradient against central differences, and for stateful layers the truncated-BPTT semantics
 (two blocks equal one long block, `reset_state` starts afresh, the gradient of a block treats the
 carried state as a constant). Where CuPy is usable it also checks that CuPy gives NumPy's numbers.
-Layers that sample while training (dropout) are checked in training mode with the generator rewound
-before every evaluation, so each sees the same mask and the check is that of the masked function.
+The layer is checked the way a model holds it: its parameters moved into flat buffers
+(`Layer.adopt_buffers`), so a layer that kept references to its old arrays fails the gradient check.
+Layers that sample while training (dropout) draw from (seed, step, layer) alone, so every evaluation
+of the gradient check sees the same mask: the check is that of the masked function.
 Failures raise `ConformanceError` (an AssertionError) saying what broke.
 """
 
@@ -45,24 +47,6 @@ def numerical_gradient(f, array, eps=EPS):
         flat[i] = old
         grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
     return grad
-
-
-def rewinder(generator):
-    """A function that puts `generator` back to its present state.
-
-    A gradient check evaluates the same function many times; rewinding the generator before each
-    evaluation gives every one the same random draws (the same dropout mask). Only NumPy generators
-    can be rewound (CuPy's state cannot be saved): for others this does nothing, so check models
-    with sampling layers on NumPy, or on CuPy in evaluation mode.
-    """
-    if not isinstance(generator, np.random.Generator):
-        return lambda: None
-    state = generator.bit_generator.state
-
-    def rewind():
-        generator.bit_generator.state = state
-
-    return rewind
 
 
 def _check(condition, message):
@@ -109,8 +93,11 @@ class _Probe:
 
 
 def build_checked_layer(registry, layer_type, options, backend, vocab_size, input_size, seed):
-    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size, backend.generator(seed))
+    """The layer built as a model builds it, its parameters moved into fresh flat buffers."""
+    ctx = LayerContext(backend, np.random.default_rng(seed), input_size, vocab_size, seed=seed)
     layer = registry.build_layer({"type": layer_type, **(options or {})}, ctx)
+    size = sum(p.size for p in layer.params.values())
+    layer.adopt_buffers(backend.xp.empty(size, backend.dtype), backend.xp.zeros(size, backend.dtype))
     if layer.is_loss:
         ctx.input_size = vocab_size
     return layer, ctx
@@ -123,10 +110,8 @@ def gradient_errors(probe, x, state=None):
     gradient with the state held constant: truncated BPTT.
     """
     layer = probe.layer
-    rewind = rewinder(probe.ctx.generator)
 
     def f():
-        rewind()
         if state is not None:
             layer.set_state(state)
         return probe.scalar(x)
@@ -219,15 +204,11 @@ def check_stateful(probe, x1, x2):
 
 
 def check_cupy_parity(registry, layer_type, options, vocab_size, input_size, seed, np_probe, rtol=1e-6):
-    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients.
-
-    Compared in evaluation mode: NumPy's and CuPy's generators draw different numbers, so what a
-    layer samples while training (a dropout mask) cannot match between them.
-    """
+    """The same layer on CuPy (float64, same seed, same inputs) gives NumPy's outputs and gradients
+    (in training mode: a dropout mask is the same on both)."""
     gpu = get_backend("cupy", dtype="float64")
     gpu_probe = _Probe(*build_checked_layer(registry, layer_type, options, gpu, vocab_size, input_size, seed),
                        *np_probe.shape, seed)
-    np_probe.layer.training = gpu_probe.layer.training = False
     (outs_a, dx_a, grads_a), (outs_b, dx_b, grads_b) = run_blocks(np_probe), run_blocks(gpu_probe)
 
     def close(a, b):
@@ -243,9 +224,9 @@ def check_model_gradients(model, blocks, tol=1e-5):
     """Gradient check of a whole float64 model on the last of consecutive (xs, ts) blocks.
 
     The earlier blocks only set the carried state, which each evaluation restores, so the check sees
-    truncated BPTT's gradient; the model's generator is rewound too, so a training-mode dropout mask
-    is the same in every evaluation (NumPy only, see `rewinder`). Returns {param name: relative error};
-    raises ConformanceError past `tol`.
+    truncated BPTT's gradient (a training-mode dropout mask depends only on the model's step counter,
+    the same in every evaluation). Returns {param name: relative error}; raises ConformanceError
+    past `tol`.
     """
     backend = model.backend
     model.reset_state()
@@ -253,10 +234,8 @@ def check_model_gradients(model, blocks, tol=1e-5):
         model.forward(xs, ts)
     state = {k: v.copy() for k, v in model.get_state().items()}
     xs, ts = blocks[-1]
-    rewind = rewinder(model.generator)
 
     def f():
-        rewind()
         model.set_state(state)
         return model.forward(xs, ts)
 

@@ -1,26 +1,67 @@
 """Affine: a dense projection x W + b applied at every time step (B, T, H) -> (B, T, O).
 
-Weight tying (Press & Wolf 2017, Inan et al. 2017): with ``tie_to="embedding"`` the affine has no
-weight of its own and uses that layer's (V, D) table transposed. The model wires it (`tie`) and,
-after backward, adds this use's gradient to the table's (`add_tied_grads`), so the shared weight is
-one parameter with the sum of both uses as its gradient.
+Two classes behind the one layer type ``affine``: `TimeAffine` owns its weight; `TiedAffine`
+(``tie_to="embedding"``, Press & Wolf 2017, Inan et al. 2017) has no weight of its own and uses that
+layer's (V, D) table transposed. The model wires a tied one (`tie`) and, after backward, adds this
+use's gradient to the table's (`add_tied_grads`), so the shared weight is one parameter whose
+gradient is the sum of both uses.
 
-Speed: an untied affine keeps W and b as one (D+1, O) array, W its first D rows and b its last (the
-parameters `W` and `b` are views of it), and appends a column of ones to x, so [x 1] @ [W; b] adds the
-bias inside the GEMM and [x 1]^T @ dout gives dW and db in one GEMM: no pass of its own over the
-B*T x O output, which is the model's largest array. A tied affine adds its bias in threaded row blocks.
+The untied affine registers W then b, so in the model's flat buffer they are one (D+1, O) array
+[W; b]; with a column of ones appended to x, [x 1] @ [W; b] adds the bias inside the GEMM and
+[x 1]^T @ dout gives dW and db in one GEMM: no pass of its own over the B*T x O output.
 """
 
 import numpy as np
 
-from gpurnn.backend import for_row_blocks
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, column_sums, init_matrix, require_input_size
+from gpurnn.layers import Layer, init_matrix, require_input_size
+from gpurnn.ops import column_sums, for_row_blocks
 
 
 class TimeAffine(Layer):
     """Dense projection at every time step; output size defaults to the vocabulary (logits)."""
+
+    def __new__(cls, ctx, output_size=None, init="default", tie_to=None):
+        """``affine`` with ``tie_to`` builds a TiedAffine instead (one layer type for both in the specs)."""
+        if tie_to is not None:
+            return TiedAffine(ctx, output_size, init, tie_to)
+        return super().__new__(cls)
+
+    def __init__(self, ctx, output_size=None, init="default", tie_to=None):
+        super().__init__(ctx)
+        self.in_size = require_input_size(ctx, "affine")
+        self.output_size = int(output_size or ctx.vocab_size)
+        W = init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size)
+        self.Wb = self.xp.asarray(np.vstack([W, np.zeros((1, self.output_size))]), dtype=self.backend.dtype)
+        self.adopt_buffers(self.Wb.reshape(-1), self.xp.zeros(self.Wb.size, self.Wb.dtype))
+        self.x1 = None
+
+    def adopt_buffers(self, param_block, grad_block):
+        """W and b as views of one (D+1, O) block, [W; b], and the same for their gradients."""
+        Wb = param_block.reshape(self.Wb.shape)
+        Wb[...] = self.Wb
+        self.Wb, self.dWb = Wb, grad_block.reshape(Wb.shape)
+        self.params = {"W": self.Wb[:-1], "b": self.Wb[-1]}
+        self.grads = {"W": self.dWb[:-1], "b": self.dWb[-1]}
+
+    def forward(self, x):
+        """All B*T rows in one GEMM: [x 1] @ [W; b]."""
+        x2d = x.reshape(-1, x.shape[-1])
+        self.x1 = self.xp.empty((x2d.shape[0], self.in_size + 1), x2d.dtype)
+        self.x1[:, :-1] = x2d
+        self.x1[:, -1] = 1
+        return (self.x1 @ self.Wb).reshape(*x.shape[:-1], self.output_size)
+
+    def backward(self, dout):
+        d2d = dout.reshape(-1, self.output_size)
+        self.xp.matmul(self.x1.T, d2d, out=self.dWb)  # dW and db (the ones column's row)
+        dx = d2d @ self.params["W"].T
+        return dx.reshape(*dout.shape[:-1], dx.shape[-1])
+
+
+class TiedAffine(Layer):
+    """Dense projection with another layer's (V, D) table transposed as its weight, and its own bias."""
 
     def __init__(self, ctx, output_size=None, init="default", tie_to=None):
         super().__init__(ctx)
@@ -29,14 +70,7 @@ class TimeAffine(Layer):
         self.tie_to = tie_to
         self.source = None
         self.tied_grad = None
-        if tie_to is None:
-            W = init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size)
-            self.Wb = self.add_param("Wb", np.vstack([W, np.zeros((1, self.output_size))]))
-            self.dWb = self.grads["Wb"]
-            self.params = {"W": self.Wb[:-1], "b": self.Wb[-1]}
-            self.grads = {"W": self.dWb[:-1], "b": self.dWb[-1]}
-        else:
-            self.add_param("b", np.zeros(self.output_size))
+        self.add_param("b", np.zeros(self.output_size))
         self.x2d = None
 
     def tie(self, source):
@@ -52,39 +86,26 @@ class TimeAffine(Layer):
 
     @property
     def W(self):
-        if self.source is not None:
-            return self.source.params["W"].T
-        if self.tie_to is not None:
+        if self.source is None:
             raise SpecError(f"affine tie_to={self.tie_to!r} is not wired: build it inside a Model")
-        return self.params["W"]
+        return self.source.params["W"].T
 
     def forward(self, x):
-        """All B*T rows in one GEMM (untied: [x 1] @ [W; b])."""
-        x2d = x.reshape(-1, x.shape[-1])
-        if self.tie_to is None:
-            self.x2d = self.xp.empty((x2d.shape[0], self.in_size + 1), x2d.dtype)
-            self.x2d[:, :-1] = x2d
-            self.x2d[:, -1] = 1
-            out = self.x2d @ self.Wb
-        else:
-            self.x2d = x2d
-            out = x2d @ self.W
-            b = self.params["b"]
+        """All B*T rows in one GEMM, then the bias added in cache-sized row blocks."""
+        self.x2d = x.reshape(-1, x.shape[-1])
+        out = self.x2d @ self.W
+        b = self.params["b"]
 
-            def add_bias(lo, hi):
-                out[lo:hi] += b
+        def add_bias(lo, hi):
+            out[lo:hi] += b
 
-            for_row_blocks(out, add_bias)
+        for_row_blocks(out, add_bias)
         return out.reshape(*x.shape[:-1], self.output_size)
 
     def backward(self, dout):
-        xp = self.xp
         d2d = dout.reshape(-1, self.output_size)
-        if self.tie_to is None:
-            xp.matmul(self.x2d.T, d2d, out=self.dWb)  # dW and db (the ones column's row)
-        else:
-            xp.matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout
-            column_sums(d2d, self.grads["b"])
+        self.xp.matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout
+        column_sums(d2d, self.grads["b"])
         dx = d2d @ self.W.T
         return dx.reshape(*dout.shape[:-1], dx.shape[-1])
 

@@ -1,13 +1,17 @@
 """Inverted dropout: in training, zero each value with probability p and scale the rest by 1/(1-p).
 
 Scaling while training (not at test time) makes evaluation and generation a plain identity. The mask
-is drawn on the device from the model's generator, so a checkpoint that saves the generator's state
-lets a resumed run draw the same masks as an uninterrupted one.
+is a pure function of (model seed, training iteration, layer position, element): no generator state
+exists, so a resumed run draws the masks an uninterrupted one would, on NumPy and CuPy alike, and
+backward re-applies the same mask instead of storing it.
 """
+
+import numpy as np
 
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, require_input_size
+from gpurnn.ops import dropout
 
 
 class TimeDropout(Layer):
@@ -19,20 +23,20 @@ class TimeDropout(Layer):
             raise SpecError(f"dropout p must be in [0, 1), got {p!r}")
         self.p = float(p)
         self.output_size = require_input_size(ctx, "dropout")
-        self.generator = ctx.generator if ctx.generator is not None else ctx.backend.generator(0)
-        self.mask = None
+        self.seed, self.index = ctx.seed, ctx.index
+        self.step = ctx.step if ctx.step is not None else self.xp.zeros(1, np.uint32)
+        self.active = False
 
     def forward(self, x):
-        if not self.training or self.p == 0:
-            self.mask = None
+        self.active = self.training and self.p > 0
+        if not self.active:
             return x
-        keep = self.generator.random(x.shape, dtype=x.dtype) >= self.p
-        self.mask = keep.astype(x.dtype)
-        self.mask *= 1 / (1 - self.p)
-        return x * self.mask
+        return dropout(x, self.xp.empty(x.shape, x.dtype), self.p, self.seed, self.step, self.index)
 
     def backward(self, dout):
-        return dout if self.mask is None else dout * self.mask
+        if not self.active:
+            return dout
+        return dropout(dout, self.xp.empty(dout.shape, dout.dtype), self.p, self.seed, self.step, self.index)
 
 
 @hookimpl

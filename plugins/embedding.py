@@ -1,8 +1,8 @@
 """Embedding: token ids (B, T) -> word vectors (B, T, D), a row lookup in a (V, D) table."""
 
-from gpurnn.backend import scatter_add_rows
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix
+from gpurnn.ops import scatter_add_rows
 
 
 class TimeEmbedding(Layer):

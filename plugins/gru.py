@@ -13,7 +13,8 @@ two biases only ever appear summed, so b holds b_ih + b_hh there and b_in for n.
 import numpy as np
 
 from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import RecurrentLayer, sigmoid
+from gpurnn.layers import RecurrentLayer
+from gpurnn.ops import column_sums, gru_cell, gru_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeGRU(RecurrentLayer):
@@ -24,27 +25,17 @@ class TimeGRU(RecurrentLayer):
         self.add_param("bhn", np.zeros(self.output_size))
 
     def forward(self, xs):
-        """One GEMM projects all T inputs to r, z, n; the loop holds h_{t-1} Wh and the gates."""
-        xp, Wh, H = self.xp, self.params["Wh"], self.output_size
+        """One GEMM projects all T inputs to r, z, n; each step is one GEMM and one fused cell."""
+        xp, Wh = self.xp, self.params["Wh"]
         x_tm, gates = self.project(xs)  # pre-activations, turned into gate values step by step
         (h0,) = self.initial_state(xs.shape[0], xs.dtype)
         recurrent = xp.empty_like(gates)  # h_{t-1} Wh (+ bhn for n): backward needs n's part
         hs = xp.empty((gates.shape[0],) + h0.shape, xs.dtype)
         h = h0
-        for t in range(gates.shape[0]):
-            a, ah = gates[t], recurrent[t]
-            xp.matmul(h, Wh, out=ah)
-            ah[:, 2 * H:] += self.params["bhn"]
-            rz = a[:, :2 * H]
-            rz += ah[:, :2 * H]
-            sigmoid(rz, out=rz)
-            r, z, n = xp.split(a, 3, axis=1)
-            n += r * ah[:, 2 * H:]
-            xp.tanh(n, out=n)
-            xp.subtract(h, n, out=hs[t])  # h_t = n + z * (h_{t-1} - n)
-            hs[t] *= z
-            hs[t] += n
-            h = hs[t]
+        with recurrent_loop(xp):
+            for t in range(gates.shape[0]):
+                step_matmul(h, Wh, recurrent[t])
+                h = gru_cell(gates[t], recurrent[t], self.params["bhn"], h, hs[t])
         self.cache = (x_tm, h0, gates, recurrent, hs)
         self.keep_state(h)
         return hs.transpose(1, 0, 2)
@@ -57,25 +48,19 @@ class TimeGRU(RecurrentLayer):
         """
         xp, H = self.xp, self.output_size
         x_tm, h0, gates, recurrent, hs = self.cache
-        Wh_T = self.params["Wh"].T
-        dhs_tm = dhs.transpose(1, 0, 2)
+        Wh_T = xp.ascontiguousarray(self.params["Wh"].T)
+        dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2))
+        T = gates.shape[0]
         d_in, d_hid = xp.empty_like(gates), xp.empty_like(gates)
-        dh = 0
-        for t in range(gates.shape[0] - 1, -1, -1):
-            r, z, n = xp.split(gates[t], 3, axis=1)
-            dr, dz, dn = xp.split(d_in[t], 3, axis=1)
-            h_prev = hs[t - 1] if t else h0
-            dh = dhs_tm[t] + dh
-            xp.multiply(dh, h_prev - n, out=dz)
-            dz *= z * (1 - z)
-            xp.multiply(dh, 1 - z, out=dn)
-            dn *= 1 - n * n
-            xp.multiply(dn, recurrent[t][:, 2 * H:], out=dr)
-            dr *= r * (1 - r)
-            d_hid[t][:, :2 * H] = d_in[t][:, :2 * H]
-            xp.multiply(dn, r, out=d_hid[t][:, 2 * H:])
-            dh = dh * z + d_hid[t] @ Wh_T
-        d_hid[:, :, 2 * H:].sum(axis=(0, 1), out=self.grads["bhn"])
+        dh, rec = xp.empty_like(h0), xp.empty_like(h0)
+        with recurrent_loop(xp):
+            for t in range(T - 1, -1, -1):
+                last = t == T - 1
+                if not last:  # what flows back from step t + 1
+                    step_matmul(d_hid[t + 1], Wh_T, rec)
+                gru_cell_backward(dhs_tm[t], None if last else rec, None if last else gates[t + 1], gates[t],
+                                  recurrent[t], hs[t - 1] if t else h0, dh, d_in[t], d_hid[t])
+        column_sums(d_hid[:, :, 2 * H:].reshape(-1, H), self.grads["bhn"])
         return self.weight_grads(x_tm, h0, hs, d_in, d_hid)
 
 

@@ -2,6 +2,7 @@
 
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import RecurrentLayer
+from gpurnn.ops import rnn_cell, rnn_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeRNN(RecurrentLayer):
@@ -11,31 +12,33 @@ class TimeRNN(RecurrentLayer):
         super().__init__(ctx, "rnn", 1, hidden_size, stateful, init_wx, init_wh)
 
     def forward(self, xs):
-        """One GEMM projects all T inputs; the loop holds only h_{t-1} Wh and tanh."""
+        """One GEMM projects all T inputs; each step is one GEMM (h_{t-1} Wh) and one fused tanh."""
         xp, Wh = self.xp, self.params["Wh"]
         x_tm, hs = self.project(xs)
         (h0,) = self.initial_state(xs.shape[0], xs.dtype)
+        recurrent = xp.empty_like(h0)
         h = h0
-        for t in range(hs.shape[0]):
-            hs[t] += h @ Wh
-            xp.tanh(hs[t], out=hs[t])
-            h = hs[t]
+        with recurrent_loop(xp):
+            for t in range(hs.shape[0]):
+                step_matmul(h, Wh, recurrent)
+                h = rnn_cell(hs[t], recurrent)
         self.cache = (x_tm, h0, hs)
         self.keep_state(hs[-1])
         return hs.transpose(1, 0, 2)
 
     def backward(self, dhs):
         """Back through the block only (the carried h0 is a constant); weight gradients in one GEMM each."""
+        xp = self.xp
         x_tm, h0, hs = self.cache
-        Wh_T = self.params["Wh"].T
-        dhs_tm = dhs.transpose(1, 0, 2)
-        dts = self.xp.empty_like(hs)
-        dh = 0
-        for t in range(hs.shape[0] - 1, -1, -1):
-            dt = dhs_tm[t] + dh
-            dt *= 1 - hs[t] * hs[t]
-            dts[t] = dt
-            dh = dt @ Wh_T
+        Wh_T = xp.ascontiguousarray(self.params["Wh"].T)
+        dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2))
+        dts = xp.empty_like(hs)
+        rec = xp.empty_like(h0)
+        with recurrent_loop(xp):
+            for t in range(hs.shape[0] - 1, -1, -1):
+                if t < hs.shape[0] - 1:  # what flows back from step t + 1
+                    step_matmul(dts[t + 1], Wh_T, rec)
+                rnn_cell_backward(dhs_tm[t], rec if t < hs.shape[0] - 1 else None, hs[t], dts[t])
         return self.weight_grads(x_tm, h0, hs, dts)
 
 

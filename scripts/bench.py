@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Training-step and evaluation speed of gpurnn against PyTorch on the same model, in one run.
 
-For each configuration it times, after warm-up, a fixed number of training steps (forward, backward,
-gradient-norm clipping, SGD update) and forward-only evaluation steps, in tokens/s, on the NumPy and
+For each configuration it times, after warm-up, a fixed number of training steps (`Trainer.step`:
+forward, backward, gradient-norm clipping, SGD update; a CUDA graph on CuPy unless --no-cuda-graph)
+and forward-only evaluation steps, in tokens/s, on the NumPy and
 (where usable) CuPy backends, and the same model in PyTorch when torch is importable (same B, T,
 sizes, thread count). Each measurement runs in its own process, so its peak RSS is its own; gpurnn
 and the peer are measured in back-to-back pairs, --repeat times, and each ratio is the median of the
@@ -28,10 +29,12 @@ from statistics import median
 
 import numpy as np
 
-from gpurnn.backend import cpu_name, cpu_threads, for_row_blocks, get_backend, probe_cupy
+from gpurnn.backend import cpu_name, get_backend, probe_cupy
 from gpurnn.model import Model, preset_specs
+from gpurnn.ops import cpu_threads, for_row_blocks
 from gpurnn.registry import Registry
-from gpurnn.train.optim import SGD, clip_scale
+from gpurnn.train.optim import SGD
+from gpurnn.train.trainer import TrainConfig, Trainer
 
 V, B, T = 10000, 20, 35
 CONFIGS = {
@@ -65,25 +68,27 @@ def timed(fn, data, warmup, sync):
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
-def run_gpurnn(cfg, backend_name, data, warmup):
+def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True):
     backend = get_backend(backend_name)
     model = Model(preset_specs(cfg["preset"], **preset_options(cfg)), V, backend, Registry(), seed=0)
-    opt = SGD(lr=LR)
-    device = [(backend.asarray(x), backend.asarray(t)) for x, t in data]
+    trainer = Trainer(model, SGD(lr=LR), None, TrainConfig(batch_size=B, time_size=T, clip=CLIP,
+                                                           cuda_graph=cuda_graph),
+                      on_notice=lambda message: print(message, file=sys.stderr))
 
     def train_step(xs, ts):
-        model.forward(xs, ts)
-        model.backward()
-        grads = model.grads
-        opt.step(model.params, grads, clip_scale(grads, CLIP))
+        trainer.step(xs, ts)
+        trainer.iteration += 1
 
     model.train()
-    train = timed(train_step, device, warmup, backend.synchronize)
+    train = timed(train_step, data, warmup, backend.synchronize)
     model.eval()
+    device = [(backend.asarray(x), backend.asarray(t)) for x, t in data]
     evaluate = timed(model.forward, device, warmup, backend.synchronize)
     result = {"train_s": train, "eval_s": evaluate, "device": backend.describe()["device"]}
     if backend.is_gpu:
-        result["device_peak_bytes"] = backend.xp.get_default_memory_pool().total_bytes()
+        pools = [backend.xp.get_default_memory_pool()] + ([trainer.graph.pool] if trainer.graph else [])
+        result["device_peak_bytes"] = sum(pool.total_bytes() for pool in pools)
+        result["cuda_graph"] = bool(trainer.graph and trainer.graph.graph is not None)
     return result
 
 
@@ -147,14 +152,14 @@ def run_torch(cfg, device_name, data, warmup):
     return result
 
 
-def measure_one(config, impl, iters, warmup):
+def measure_one(config, impl, iters, warmup, cuda_graph):
     """One measurement (run in a child process): its timings and its own peak RSS."""
     cfg = CONFIGS[config]
     data = batches(warmup + iters)
     if impl.startswith("torch-"):
         result = run_torch(cfg, impl.split("-", 1)[1], data, warmup)
     else:
-        result = run_gpurnn(cfg, impl, data, warmup)
+        result = run_gpurnn(cfg, impl, data, warmup, cuda_graph)
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
@@ -172,9 +177,10 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def in_child(config, impl, iters, warmup):
+def in_child(config, impl, args):
     """One measurement in a fresh process (which inherits gpurnn's OpenBLAS setting; PyTorch uses MKL)."""
-    cmd = [sys.executable, __file__, "--one", config, impl, "--iters", str(iters), "--warmup", str(warmup)]
+    cmd = [sys.executable, __file__, "--one", config, impl, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    cmd += ["--no-cuda-graph"] if args.no_cuda_graph else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{config} on {impl} failed:\n{out.stderr}")
@@ -233,11 +239,12 @@ def main():
     parser.add_argument("--repeat", type=int, default=5, help="back-to-back gpurnn/peer pairs per config")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test of the harness")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="CuPy: run each step eagerly")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(*args.one, args.iters, args.warmup)))
+        print(json.dumps(measure_one(*args.one, args.iters, args.warmup, not args.no_cuda_graph)))
         return 0
     if args.quick:
         args.iters, args.warmup, args.repeat = 8, 2, 1
@@ -274,9 +281,9 @@ def measure_pair(cfg, config, backend, peer_impl, limits, args):
     moment, which on a shared VM drifts by tens of percent), with the pairs' range beside it."""
     ours, peer = [], []
     for _ in range(args.repeat):
-        ours.append(in_child(config, backend, args.iters, args.warmup))
+        ours.append(in_child(config, backend, args))
         if peer_impl:
-            peer.append(in_child(config, peer_impl, args.iters, args.warmup))
+            peer.append(in_child(config, peer_impl, args))
     row = {"config": config, "backend": backend, "device": ours[0]["device"], "repeats": args.repeat,
            "train_tok_s": median(B * T / o["train_s"] for o in ours),
            "eval_tok_s": median(B * T / o["eval_s"] for o in ours),
@@ -286,6 +293,7 @@ def measure_pair(cfg, config, backend, peer_impl, limits, args):
         row["eval_limit_fraction"] = limit_fraction(cfg, limits, 1 / row["eval_tok_s"], 2, 1)
     if "device_peak_bytes" in ours[0]:
         row["device_peak_mb"] = max(o["device_peak_bytes"] for o in ours) / 2**20
+        row["cuda_graph"] = ours[0]["cuda_graph"]
     if not peer:
         return row
     row.update(torch=peer[0]["torch"], torch_threads=peer[0]["threads"],

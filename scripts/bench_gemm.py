@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench import B, CONFIGS, T, V, rate  # noqa: E402
 
-from gpurnn.backend import cpu_name, cpu_threads  # noqa: E402
+from gpurnn.backend import cpu_name  # noqa: E402
+from gpurnn.ops import cpu_threads  # noqa: E402
 
 
 def step_products(cfg):

@@ -2,12 +2,12 @@
 """The cost of data parallelism on one machine: 2 ranks of 1 thread each against 1 process of 2 threads.
 
 Both train the same model on the same global batch (B = 20, T = 35; each rank takes 10 lanes) with
-clipping and SGD, through the trainer's own pieces (`Group.reduce_gradients` is the all-reduce the
-trainer calls). For each it prints tokens/s and, for the ranks, the time per step spent in the
-all-reduce (packing, MPI Allreduce and unpacking, including any wait for the slower rank) and its
-fraction of the step. Then it times the all-reduce of the model's whole gradient alone (medium-lstm's
-2 x 650 tied model: about 13M floats). Each setup runs in its own processes, one after the other;
-the ranks are bound to one core each (mpiexec -bind-to core), the single process to both.
+clipping and SGD through `Trainer.step`. For each it prints tokens/s and, for the ranks, the time per
+step spent in the trainer's all-reduce of the flat gradient buffer (MPI Allreduce, including any wait
+for the slower rank) and its fraction of the step. Then it times the all-reduce of the model's whole
+gradient alone (medium-lstm's 2 x 650 tied model: 13.3M floats). Each setup runs in its own
+processes, one after the other; the ranks are bound to one core each (mpiexec -bind-to core), the
+single process runs on both.
 
     python scripts/bench_mpi.py [--config medium-lstm] [--iters 20] [--warmup 3] [--json PATH]
     python scripts/bench_mpi.py --config small-lstm --iters 2 --warmup 1      # a quick check that it runs
@@ -31,11 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench import B, CLIP, CONFIGS, LR, T, V, batches, preset_options  # noqa: E402
 
-from gpurnn.backend import cpu_name, cpu_threads, get_backend  # noqa: E402
+from gpurnn.backend import cpu_name, get_backend  # noqa: E402
 from gpurnn.model import Model, preset_specs  # noqa: E402
+from gpurnn.ops import cpu_threads  # noqa: E402
 from gpurnn.registry import Registry  # noqa: E402
-from gpurnn.train.optim import SGD, clip_scale  # noqa: E402
+from gpurnn.train.optim import SGD  # noqa: E402
 from gpurnn.train.parallel import world  # noqa: E402
+from gpurnn.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def build(config):
@@ -44,33 +46,36 @@ def build(config):
 
 
 def train_steps(config, iters, warmup):
-    """Time `iters` training steps (after `warmup`) on this rank's lanes; rank 0 returns the figures."""
-    group, model = world(), build(config)
+    """Time `iters` steps of the trainer (after `warmup`) on this rank's lanes; the figures, for rank 0."""
+    group = world()
+    trainer = Trainer(build(config), SGD(lr=LR), None, TrainConfig(batch_size=B, time_size=T, clip=CLIP),
+                      group=group)
     lo, hi = group.lanes(B)
-    share, opt = (hi - lo) / B, SGD(lr=LR)
-    reduce_s, start = 0.0, None
-    model.train()
+    reduce, spent = group.reduce_gradients, [0.0]
+
+    def timed_reduce(flat):  # the trainer's own all-reduce, with a clock around it
+        before = time.perf_counter()
+        reduce(flat)
+        spent[0] += time.perf_counter() - before
+
+    group.reduce_gradients = timed_reduce
+    trainer.model.train()
     for k, (xs, ts) in enumerate(batches(warmup + iters)):
         if k == warmup:
-            start, reduce_s = time.perf_counter(), 0.0
-        model.forward(xs[lo:hi], ts[lo:hi])
-        model.backward(share)
-        grads = model.grads
-        before = time.perf_counter()
-        group.reduce_gradients(grads)
-        reduce_s += time.perf_counter() - before
-        opt.step(model.params, grads, clip_scale(grads, CLIP))
+            start, spent[0] = time.perf_counter(), 0.0
+        trainer.step(xs[lo:hi], ts[lo:hi])
+        trainer.iteration += 1
     step_s = (time.perf_counter() - start) / iters
     return {"ranks": group.size, "threads_per_rank": cpu_threads(), "step_s": step_s,
-            "tokens_per_second": B * T / step_s, "allreduce_s_per_step": reduce_s / iters,
-            "allreduce_fraction": reduce_s / iters / step_s}
+            "tokens_per_second": B * T / step_s, "allreduce_s_per_step": spent[0] / iters,
+            "allreduce_fraction": spent[0] / iters / step_s}
 
 
 def allreduce_alone(config, iters, warmup):
     """Time the MPI all-reduce of a float32 buffer the size of the model's whole gradient."""
     from mpi4py import MPI
 
-    size = sum(p.size for p in build(config).params.values())
+    size = build(config).flat_grads.size
     buffer = np.ones(size, np.float32)
     comm = MPI.COMM_WORLD
     for k in range(warmup + iters):

@@ -22,7 +22,7 @@ from gpurnn.backend import get_backend  # noqa: E402
 from gpurnn.model import Model, preset_specs  # noqa: E402
 from gpurnn.registry import Registry  # noqa: E402
 from gpurnn.train.job import load_model_config  # noqa: E402
-from gpurnn.train.optim import OPTIMIZERS, clip_scale  # noqa: E402
+from gpurnn.train.optim import OPTIMIZERS  # noqa: E402
 
 
 def main():
@@ -63,9 +63,7 @@ def main():
             d = clock(f"{name} backward", layer.backward, d)
         for layer in model.tied:
             clock("tied grads", layer.add_tied_grads)
-        grads = model.grads
-        scale = clock("clip", clip_scale, grads, CLIP)
-        clock("update", opt.step, model.params, grads, scale)
+        clock("update (clipped)", opt.step, model.flat_params, model.flat_grads, CLIP)
     total = sum(totals.values())
     print(f"{args.model_config or args.config} ({args.optimizer}) on {backend.name}: {1000 * total / args.iters:.1f} ms/step, "
           f"{B * T * args.iters / total:,.0f} tok/s")

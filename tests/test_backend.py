@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import gpurnn.backend as backend_mod
-from gpurnn.backend import get_backend, probe_cupy, scatter_add_rows
+from gpurnn.backend import get_backend, probe_cupy
+from gpurnn.ops import scatter_add_rows
 from gpurnn.errors import BackendError
 
 from .conftest import requires_gpu

@@ -1,4 +1,4 @@
-"""Dropout (training vs evaluation, masks from the model's generator) and weight tying."""
+"""Dropout (training vs evaluation, counter-based masks) and weight tying."""
 
 import numpy as np
 import pytest
@@ -16,8 +16,9 @@ def blocks(rng, count=2, B=2, T=3):
     return [(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))) for _ in range(count)]
 
 
-def dropout(registry, backend, p, seed=0, size=50):
-    ctx = LayerContext(backend, np.random.default_rng(0), size, V, backend.generator(seed))
+def dropout(registry, backend, p, seed=0, size=50, step=0, index=1):
+    ctx = LayerContext(backend, np.random.default_rng(0), size, V, seed=seed,
+                       step=np.array([step], np.uint32), index=index)
     return registry.build_layer({"type": "dropout", "p": p}, ctx)
 
 
@@ -62,11 +63,23 @@ def test_dropout_keeps_one_minus_p_scaled_by_its_inverse(registry, np64):
     np.testing.assert_array_equal(layer.backward(dout), 2.0 * out)  # the same mask, the same scale
 
 
-def test_same_generator_seed_gives_the_same_mask(registry, np64):
+def test_the_mask_is_a_function_of_seed_step_and_layer_alone(registry, np64):
     x = np.ones((3, 4, 50))
-    a, b, c = (dropout(registry, np64, 0.5, seed=s).forward(x) for s in (7, 7, 8))
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    same = [dropout(registry, np64, 0.5, seed=7, step=3, index=2).forward(x) for _ in range(2)]
+    np.testing.assert_array_equal(*same)
+    for other in ({"seed": 8, "step": 3, "index": 2}, {"seed": 7, "step": 4, "index": 2},
+                  {"seed": 7, "step": 3, "index": 5}):
+        assert not np.array_equal(same[0], dropout(registry, np64, 0.5, **other).forward(x)), other
+
+
+def test_the_step_counter_changes_the_mask_between_iterations(registry, np64):
+    layer = dropout(registry, np64, 0.5)
+    x = np.ones((3, 4, 50))
+    first = layer.forward(x)
+    layer.step[0] = 1
+    assert not np.array_equal(first, layer.forward(x))
+    layer.step[0] = 0
+    np.testing.assert_array_equal(first, layer.forward(x))
 
 
 def test_dropout_p_out_of_range_is_a_spec_error(registry, np64):
@@ -125,7 +138,10 @@ def test_dropout_changes_training_outputs_but_not_evaluation(registry, np64, rng
     xs = rng.integers(0, V, (2, 3))
     first = model.predict(xs)
     model.reset_state()
-    assert not np.allclose(model.predict(xs), first)  # a new mask
+    np.testing.assert_array_equal(model.predict(xs), first)  # the same step: the same masks
+    model.reset_state()
+    model.set_step(1)
+    assert not np.allclose(model.predict(xs), first)  # the next iteration: new masks
     model.eval()
     model.reset_state()
     first = model.predict(xs)

@@ -179,7 +179,7 @@ def test_a_lane_subset_yields_those_rows_of_the_global_batches(small_read_ahead,
     """Rows lo..hi-1 of every global batch, across refills and epochs; the state stays the global one."""
     ids = rng.integers(0, 50, 300).astype(np.int32)
     whole, part = BPTTStream(ids, 6, 7), BPTTStream(ids, 6, 7, lanes=lanes)
-    assert part.lane_share == (lanes[1] - lanes[0]) / 6 and part.steps_per_epoch == whole.steps_per_epoch
+    assert part.lanes == lanes and part.steps_per_epoch == whole.steps_per_epoch
     for _ in range(2 * whole.steps_per_epoch + 3):
         (wx, wt), (px, pt) = next(whole), next(part)
         np.testing.assert_array_equal(px, wx[lanes[0]:lanes[1]])

@@ -11,18 +11,22 @@ from gpurnn.model import Model, preset_specs
 from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
 from gpurnn.train.evaluate import IGNORE, eval_batches, perplexity
 from gpurnn.train.generate import generate_text, prompt_ids, prompt_tokens, sample
-from gpurnn.train.optim import ELEMENT_BLOCK, Adam, SGD, clip_scale, make_optimizer
+from gpurnn.ops import ELEMENT_BLOCK
+from gpurnn.train.optim import Adam, SGD, make_optimizer
 
 
-def test_clip_scale_brings_the_norm_to_max_norm_and_leaves_small_gradients():
-    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
-    assert float(clip_scale(grads, 1.0)) == pytest.approx(0.2)
-    assert float(clip_scale({"a": np.array([0.3, 0.4])}, 1.0)) == 1.0
-    assert clip_scale(grads, None) == 1.0
-    p = {"a": np.zeros(2), "b": np.zeros((1, 1))}
-    SGD(lr=1.0).step(p, grads, clip_scale(grads, 1.0))
-    np.testing.assert_allclose(p["a"], [-0.6, 0.0], rtol=1e-5)
-    np.testing.assert_allclose(p["b"], [[-0.8]], rtol=1e-5)
+def test_clipping_brings_the_norm_to_max_norm_and_leaves_small_gradients():
+    g = np.array([3.0, 0.0, 4.0])  # norm 5
+    p = np.zeros(3)
+    SGD(lr=1.0).step(p, g, max_norm=1.0)
+    np.testing.assert_allclose(p, [-0.6, 0.0, -0.8], rtol=1e-5)
+    small = np.array([0.3, 0.4])
+    q = np.zeros(2)
+    SGD(lr=1.0).step(q, small, max_norm=1.0)
+    np.testing.assert_array_equal(q, -small)
+    r = np.zeros(3)
+    SGD(lr=1.0).step(r, g)  # no clipping
+    np.testing.assert_array_equal(r, -g)
 
 
 def reference_adam(p, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
@@ -33,47 +37,49 @@ def reference_adam(p, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def test_blocked_threaded_updates_equal_the_plain_formulas_on_large_arrays():
-    """Arrays spanning many blocks (and a ragged last one), with a clip factor folded in."""
+    """A flat buffer spanning many blocks (and a ragged last one), with gradient clipping folded in."""
     rng = np.random.default_rng(0)
-    shape = (3 * ELEMENT_BLOCK // 100 + 7, 100)
-    p0 = {"w": rng.standard_normal(shape), "b": rng.standard_normal(5)}
+    n = 9 * ELEMENT_BLOCK + 7
+    p0 = rng.standard_normal(n)
     adam, sgd = Adam(lr=0.01), SGD(lr=0.1)
-    pa = {k: a.copy() for k, a in p0.items()}
-    ps = {k: a.copy() for k, a in p0.items()}
-    ref = {k: (a.copy(), 0.0, 0.0) for k, a in p0.items()}
+    pa, ps = p0.copy(), p0.copy()
+    ref = (p0.copy(), 0.0, 0.0)
     for t in (1, 2, 3):
-        grads = {k: rng.standard_normal(a.shape) for k, a in p0.items()}
-        adam.step(pa, grads, 0.5)
-        sgd.step(ps, grads, 0.5)
-        for k in p0:
-            ref[k] = reference_adam(*ref[k][:1], 0.5 * grads[k], *ref[k][1:], t, 0.01)
-            p0[k] = p0[k] - 0.1 * 0.5 * grads[k]
-    for k in p0:
-        np.testing.assert_allclose(pa[k], ref[k][0], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(ps[k], p0[k], rtol=1e-12, atol=1e-12)
+        g = rng.standard_normal(n)
+        scale = 2.0 / np.linalg.norm(g)  # clip to norm 2
+        adam.step(pa, g, max_norm=2.0)
+        sgd.step(ps, g, max_norm=2.0)
+        ref = reference_adam(ref[0], scale * g, *ref[1:], t, 0.01)
+        p0 = p0 - 0.1 * scale * g
+    np.testing.assert_allclose(pa, ref[0], rtol=1e-9, atol=1e-12)  # the norm: one dot vs np.linalg.norm
+    np.testing.assert_allclose(ps, p0, rtol=1e-9, atol=1e-10)
 
 
 def test_sgd_and_adam_minimise_a_quadratic():
     for opt in (SGD(lr=0.1), Adam(lr=0.1)):
-        p = {"x": np.array([5.0, -3.0])}
+        x = np.array([5.0, -3.0])
         for _ in range(300):
-            opt.step(p, {"x": 2 * p["x"]})
-        assert np.abs(p["x"]).max() < 1e-2, type(opt).__name__
+            opt.step(x, 2 * x)
+        assert np.abs(x).max() < 1e-2, type(opt).__name__
 
 
-def test_adam_matches_the_textbook_formula_and_round_trips_its_state():
+def test_adam_matches_the_textbook_formula_and_round_trips_its_state(np64, registry):
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
     opt = Adam(lr=0.01)
-    p, g = {"x": np.array([1.0])}, {"x": np.array([0.5])}
-    opt.step(p, g)
+    g = np.full(model.flat_params.size, 0.5)
+    start = model.flat_params.copy()
+    opt.step(model.flat_params, g)
     # first step: m = 0.05, v = 0.00025; lr_t = 0.01 * sqrt(0.001) / 0.1
-    expected = 1.0 - 0.01 * math.sqrt(1 - 0.999) / (1 - 0.9) * 0.05 / (math.sqrt(0.00025) + 1e-8)
-    assert p["x"][0] == pytest.approx(expected, rel=1e-12)
+    delta = 0.01 * math.sqrt(1 - 0.999) / (1 - 0.9) * 0.05 / (math.sqrt(0.00025) + 1e-8)
+    np.testing.assert_allclose(model.flat_params, start - delta, rtol=1e-12)
+    state = {k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict(model).items()}
+    assert set(state) == {"t"} | {f"{m}.{k}" for m in "mv" for k in model.params}
     clone = Adam(lr=0.01)
-    clone.load_state_dict({k: (v.copy() if hasattr(v, "copy") else v) for k, v in opt.state_dict().items()})
-    q = {"x": p["x"].copy()}
-    opt.step(p, g)
+    clone.load_state_dict(state, model)
+    q = model.flat_params.copy()
+    opt.step(model.flat_params, g)
     clone.step(q, g)
-    assert p["x"][0] == q["x"][0]
+    np.testing.assert_array_equal(model.flat_params, q)
     with pytest.raises(GpurnnError, match="unknown optimizer"):
         make_optimizer("lbfgs", 1.0)
 

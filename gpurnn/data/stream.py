@@ -32,8 +32,8 @@ class BPTTStream:
     `split` is a corpus split (sliceable, with len) or a 1-D NumPy array of ids. `.iteration` counts the
     batches given so far, `.epoch` the completed epochs, `.steps_per_epoch` the batches per epoch;
     `.in_memory` says whether the whole split is held in memory. `lanes=(lo, hi)` yields rows lo..hi-1
-    of each global batch (`.lanes`; `.lane_share` is their fraction of the batch); a stream of a
-    lane subset reads the split from its source (a file) unless `in_memory=True`.
+    of each global batch (`.lanes`); a stream of a lane subset reads the split from its source (a
+    file) unless `in_memory=True`.
     """
 
     def __init__(self, split, batch_size, time_size, *, in_memory=None, name=None, lanes=None):
@@ -52,7 +52,6 @@ class BPTTStream:
         self.steps_per_epoch = positions // (self.batch_size * self.time_size)
         self.iteration = 0
         self.lanes = check_lanes(lanes, self.batch_size)
-        self.lane_share = (self.lanes[1] - self.lanes[0]) / self.batch_size
         if in_memory is None:
             whole = self.lanes == (0, self.batch_size)
             in_memory = isinstance(split, np.ndarray) or (whole and self.tokens <= IN_MEMORY_IDS)

@@ -22,7 +22,8 @@ DEMO_DEFAULTS = {"batch_size": 10, "time_size": 5, "lr": 0.1, "epochs": 100, "op
 CORPUS_DEFAULTS = {"batch_size": 20, "time_size": 35, "lr": 0.1, "epochs": 1, "optimizer": "sgd"}
 # Options a resumed run may change (how long, how often, and the schedule from here on: a given --lr
 # replaces the checkpoint's current, possibly decayed, rate); any other explicit option must match.
-RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip"}
+RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip",
+                     "cuda_graph"}
 
 
 def load_model_config(path):

@@ -26,7 +26,7 @@ from ..backend import array_module
 from ..errors import GpurnnError
 
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
-RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
@@ -55,7 +55,11 @@ class Group:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self._reduce = None  # the all-reduce of the flat gradient buffer, chosen at first use
-        self._flat = None
+
+    @property
+    def loss_share(self):
+        """This rank's share of the global mean loss: its B / R lanes' mean loss counts 1 / R."""
+        return 1.0 / self.size
 
     def lanes(self, batch_size):
         """This rank's lanes (lo, hi) of a global batch of `batch_size`; R must divide it."""
@@ -101,22 +105,13 @@ class Group:
             alike = all(m == message for m in errors)
             raise ParallelError(message if alike else f"rank {rank}: {message}")
 
-    def reduce_gradients(self, grads):
-        """Sum the {name: array} gradients over all ranks, in place, with one all-reduce."""
+    def reduce_gradients(self, flat):
+        """Sum the flat gradient buffer (`model.flat_grads`) over all ranks, in place: one all-reduce."""
         if self.comm is None:
             return
-        arrays = list(grads.values())
-        xp = array_module(arrays[0])
-        total = sum(g.size for g in arrays)
-        if self._flat is None or self._flat.size != total or self._flat.dtype != arrays[0].dtype:
-            self._flat = xp.empty(total, arrays[0].dtype)
-            self._reduce = nccl_allreduce(self.comm, self._flat) if xp is not np else self._mpi_allreduce
-        offsets = np.cumsum([0] + [g.size for g in arrays])
-        for g, lo, hi in zip(arrays, offsets, offsets[1:]):
-            self._flat[lo:hi] = g.reshape(-1)
-        self._reduce(self._flat)
-        for g, lo, hi in zip(arrays, offsets, offsets[1:]):
-            g[...] = self._flat[lo:hi].reshape(g.shape)
+        if self._reduce is None:  # NCCL between GPUs, MPI on the CPU
+            self._reduce = nccl_allreduce(self.comm, flat) if array_module(flat) is not np else self._mpi_allreduce
+        self._reduce(flat)
 
     def _mpi_allreduce(self, buffer):
         from mpi4py import MPI

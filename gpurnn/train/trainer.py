@@ -1,11 +1,13 @@
 """The training loop: truncated BPTT over an ordered stream, with logging, evaluation and checkpoints.
 
-One iteration: next (xs, ts) block from the stream -> forward (the hidden state carries over from the
-previous block) -> backward -> optional gradient-norm clipping -> optimizer step. The loss stays on the
-device; it is read back only when a window of iterations is logged, which is also where a non-finite
-loss is caught. Everything that decides the next parameters (params, optimizer, stream position,
-hidden state, random generator, learning rate, best validation perplexity) is saved in checkpoints,
-so a resumed run ends bit-identical to an uninterrupted one on NumPy.
+One iteration (`Trainer.step`): next (xs, ts) block from the stream -> forward (the hidden state
+carries over from the previous block) -> backward -> optimizer step with the gradient norm clipped.
+On CuPy the step is captured once as a CUDA graph and replayed (`--no-cuda-graph` turns that off).
+The loss stays on the device; it is read back only when a window of iterations is logged, which is
+also where a non-finite loss is caught. Everything that decides the next parameters (params,
+optimizer, stream position, hidden state, iteration (which fixes the dropout masks), learning rate,
+best validation perplexity) is saved in checkpoints, so a resumed run ends bit-identical to an
+uninterrupted one.
 """
 
 import math
@@ -18,7 +20,7 @@ import numpy as np
 from ..errors import GpurnnError
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity
-from .optim import clip_scale
+from .graph import CapturedStep
 from .parallel import Group
 
 
@@ -47,6 +49,7 @@ class TrainConfig:
     eval_batch_size: int = 10
     save_every: int | None = None
     log_every: int = 20
+    cuda_graph: bool = True
 
 
 class Trainer:
@@ -54,7 +57,7 @@ class Trainer:
 
     on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
     tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total) is called
-    after every iteration, for progress bars.
+    after every iteration, for progress bars; on_notice(message) receives one-off notices.
 
     Data parallel: `group` (parallel.Group) is this rank's place among R ranks, each training on the
     stream's `lanes`; the gradients are summed over the ranks after backward, and rank 0 alone logs,
@@ -62,7 +65,7 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
-                 vocab=(), extra_meta=None, on_log=None, on_step=None, group=None):
+                 vocab=(), extra_meta=None, on_log=None, on_step=None, on_notice=None, group=None):
         self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
         self.group = group or Group()
         self.valid_ids = valid_ids
@@ -70,6 +73,10 @@ class Trainer:
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
         self.on_log = on_log or (lambda record: None)
         self.on_step = on_step or (lambda iteration, total: None)
+        self.on_notice = on_notice or (lambda message: None)
+        backend = model.backend
+        self.graph = (CapturedStep(self._compute, backend.xp, lambda m: self.on_notice(m))
+                      if backend.is_gpu and config.cuda_graph else None)
         self.iteration = 0
         self.best_valid = math.inf
         self.saved_iteration = None
@@ -99,17 +106,13 @@ class Trainer:
         self._stop_requested = True
 
     def _loop(self):
-        cfg, model, backend = self.config, self.model, self.model.backend
-        model.train()
+        cfg = self.config
+        self.model.train()
         self._window_start = time.perf_counter()
         total = self.total_iters
         while self.iteration < total:
             xs, ts = next(self.stream)
-            loss = model.forward(backend.asarray(xs), backend.asarray(ts))
-            model.backward(self.stream.lane_share)  # this rank's share of the global mean loss
-            grads = model.grads
-            self.group.reduce_gradients(grads)
-            self.optimizer.step(model.params, grads, clip_scale(grads, cfg.clip))
+            loss = self.step(xs, ts)
             self.iteration += 1
             self._window.append(loss)
             i = self.iteration
@@ -123,11 +126,30 @@ class Trainer:
             if self._stop_requested:
                 raise Interrupted(f"interrupted at iteration {i}")
 
+    def step(self, xs, ts):
+        """One iteration on host batches xs, ts: forward, backward, clipped update; the loss as a 0-d
+        device array (nothing waits for the GPU)."""
+        self.model.set_step(self.iteration)
+        self.optimizer.prepare(self.model.flat_params)
+        if self.graph is not None:
+            return self.graph(xs, ts)
+        backend = self.model.backend
+        return self._compute(backend.asarray(xs), backend.asarray(ts))
+
+    def _compute(self, xs, ts):
+        """The device work of a step, the part a CUDA graph captures."""
+        model = self.model
+        loss = model.forward(xs, ts)
+        model.backward(self.group.loss_share)  # this rank's share of the global mean loss
+        self.group.reduce_gradients(model.flat_grads)
+        self.optimizer.update(model.flat_params, model.flat_grads, self.config.clip)
+        return loss
+
     def _log(self, evaluate):
         """Read the window's losses back (the only host sync), check them, report, maybe evaluate."""
         backend = self.model.backend
         losses = backend.to_host(backend.xp.stack(self._window)).astype(float)
-        losses = self.group.sum(losses * self.stream.lane_share)  # the global batch's mean losses
+        losses = self.group.sum(losses * self.group.loss_share)  # the global batch's mean losses
         first = self.iteration - len(losses) + 1
         bad = [first + k for k, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
@@ -142,6 +164,8 @@ class Trainer:
         if evaluate and self.valid_ids is not None:
             valid = self.group.from_root(lambda: perplexity(self.model, self.valid_ids, self.config.eval_batch_size,
                                                             self.config.time_size)[0])
+            if self.graph is not None:
+                self.graph.reset()
             record["valid_perplexity"] = valid
             self._plateau(valid)
         if self.group.rank == 0:
@@ -170,7 +194,7 @@ class Trainer:
         if self.group.rank != 0:
             self.saved_iteration = self.iteration
             return
-        opt_state = self.optimizer.state_dict()
+        opt_state = self.optimizer.state_dict(self.model)
         arrays = {k: backend.to_host(v) for k, v in opt_state.items() if not isinstance(v, (int, float))}
         scalars = {k: v for k, v in opt_state.items() if isinstance(v, (int, float))}
         meta = {
@@ -182,7 +206,6 @@ class Trainer:
                         "lr": self.optimizer.lr},
             "optimizer_scalars": scalars,
             "stream": self.stream.state_dict(),
-            "generator": backend.generator_state(self.model.generator),
             "backend": backend.name,
         }
         save_checkpoint(self.checkpoint_path,
@@ -196,13 +219,11 @@ class Trainer:
         """Continue from a loaded Checkpoint made by `save` for this same model and stream."""
         backend, model, meta = self.model.backend, self.model, checkpoint.meta
         restore_params(model.params, checkpoint, backend)
-        self.optimizer.load_state_dict({**meta["optimizer_scalars"],
-                                        **{k: backend.asarray(v) for k, v in checkpoint.optimizer_arrays.items()}})
+        self.optimizer.load_state_dict({**meta["optimizer_scalars"], **checkpoint.optimizer_arrays}, model)
         self.optimizer.lr = meta["trainer"]["lr"]
         lo, hi = self.stream.lanes  # the saved state holds every lane of the global batch
         model.set_state({k: backend.asarray(v[lo:hi]) for k, v in checkpoint.state.items()})
         self.stream.load_state_dict(meta["stream"])
-        backend.set_generator_state(model.generator, meta["generator"])
         self.iteration = meta["trainer"]["iteration"]
         self.best_valid = _from_json_float(meta["trainer"]["best_valid"])
         self.saved_iteration = self.iteration
