@@ -73,8 +73,9 @@ def info(ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def plugins(ctx, as_json):
-    """Every layer type, the plugin that provides it, and what it does."""
-    rows = [{"type": t.name, "plugin": t.plugin, "description": t.description}
+    """Every layer type, the plugin that provides it, and what it does (--json: and its distribution)."""
+    rows = [{"type": t.name, "plugin": t.plugin, "description": t.description,
+             "distribution": t.distribution, "version": t.version}
             for t in registry_from(ctx).layer_types.values()]
     if as_json:
         emit_json(rows)

@@ -5,7 +5,15 @@ A plugin is a module with functions decorated by `hookimpl`. It becomes known to
 through ``GPURNN_PLUGINS=module1,module2``. The built-in layers are plugins of exactly this kind.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:
+    from .contract import LayerContract
 
 PROJECT = "gpurnn"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -13,12 +21,31 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def gpurnn_layer_types():
-    """Return a dict mapping layer type names to layer classes.
+def gpurnn_layer_types() -> Mapping[str, type[LayerContract]]:
+    """Return the layer types this plugin provides, as ``{type name: layer class}``.
 
-    A layer class is built as ``cls(ctx, **options)`` where ``ctx`` is a `gpurnn.layers.LayerContext`
-    and the options come from the layer spec. Its instances have ``params`` and ``grads`` (dicts with
-    the same keys and shapes), ``forward(x)`` and ``backward(dout)``, and ``output_size``; stateful
-    layers add ``reset_state()``, ``get_state()`` and ``set_state(state)``. The first line of the class
-    docstring is the description ``gpurnn plugins`` shows.
+    Called once per plugin when a `gpurnn.registry.Registry` is made (every gpurnn command makes
+    one). Each class must keep the layer contract, `gpurnn.contract.LayerContract` (and
+    `gpurnn.contract.StatefulLayerContract` when it sets ``stateful = True``); `gpurnn.layers.Layer`
+    and `gpurnn.layers.RecurrentLayer` are base classes that do.
+
+    :return:
+        A mapping of type names (non-empty, no dots; what a layer spec's ``type`` names) to classes.
+        A class is built as ``cls(ctx, **options)``, ``ctx`` being a `gpurnn.layers.LayerContext`
+        and ``options`` the spec's other keys. The first line of its docstring is the description
+        ``gpurnn plugins`` shows.
+
+    A name claimed by two plugins, a hook that raises or returns something else, or a class without
+    the contract's methods is a `gpurnn.errors.PluginError` naming the plugin.
+
+    Use in plugins
+    ==============
+
+    Any plugin module or installed distribution may implement it::
+
+        from gpurnn.hookspecs import hookimpl
+
+        @hookimpl
+        def gpurnn_layer_types():
+            return {"scaled_tanh": ScaledTanh}
     """

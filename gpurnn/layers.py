@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import Backend
+from .contract import ParamLayout
 from .errors import SpecError
 from .ops import column_sums
 
@@ -35,11 +36,13 @@ class LayerContext:
 
 
 class Layer:
-    """Base class for layers: parameter bookkeeping, defaults for stateless layers.
+    """Base class keeping the layer contract (`gpurnn.contract.LayerContract`): parameter bookkeeping,
+    defaults for stateless layers, and a readable repr.
 
     Subclasses set `output_size` and register parameters with `add_param`; `params[name]` and
-    `grads[name]` then exist with the same shape. Loss layers set `is_loss = True` and take
-    `forward(x, t)`; layers that read token ids set `takes_ids = True`.
+    `grads[name]` then exist with the same shape. `param_layout` says what each parameter's axes
+    mean, for checkpoint readers. Loss layers set `is_loss = True` and take `forward(x, t)`; layers
+    that read token ids set `takes_ids = True`.
 
     Weight tying: a layer that shares another layer's weight sets `tie_to` to that layer's name and
     implements `tie(source)`, which the model calls once after building, and `add_tied_grads()`,
@@ -51,6 +54,8 @@ class Layer:
     takes_ids = False
     stateful = False
     tie_to = None
+    param_layout = {}
+    layer_type = None  # the registered type name, set by the registry when it builds the layer
 
     def __init__(self, ctx):
         self.backend = ctx.backend
@@ -89,13 +94,37 @@ class Layer:
     def backward(self, dout):
         raise NotImplementedError
 
+    def __repr__(self):
+        return layer_repr(self)
+
+
+def layer_repr(layer):
+    """``TimeLSTM('lstm', output_size=650, Wx (650, 2600), Wh (650, 2600), b (2600,))``: class,
+    registered type, sizes and parameter shapes (for any object keeping the layer contract)."""
+    parts = [repr(layer.layer_type)] if getattr(layer, "layer_type", None) else []
+    if getattr(layer, "output_size", None) is not None:
+        parts.append(f"output_size={layer.output_size}")
+    if getattr(layer, "tie_to", None) is not None:
+        parts.append(f"tie_to={layer.tie_to!r}")
+    parts += [f"{k} {tuple(v.shape)}" for k, v in layer.params.items()]
+    return f"{type(layer).__name__}({', '.join(parts)})"
+
+
+def recurrent_layout(gates):
+    """`param_layout` of a `RecurrentLayer` whose gate blocks are `gates` (``"i,f,g,o"``; "" for one)."""
+    n = len(gates.split(",")) if gates else 1
+    width = f"{n}*hidden" if n > 1 else "hidden"
+    return {"Wx": ParamLayout("x_t @ Wx", f"input, {width}", gates),
+            "Wh": ParamLayout("h_{t-1} @ Wh", f"hidden, {width}", gates),
+            "b": ParamLayout("added to x_t @ Wx + h_{t-1} @ Wh (one merged bias)", width, gates)}
+
 
 class RecurrentLayer(Layer):
     """Base class for stateful time layers (rnn, lstm, gru): carried state and the shared GEMMs.
 
     A subclass names its carried arrays in `state_names` and has `gates` blocks of H columns in
-    Wx (D, gates*H), Wh (H, gates*H) and b (gates*H,). `project` runs the one input GEMM over all T
-    steps before the recurrent loop; `weight_grads` runs the one GEMM per weight after the backward
+    Wx (D, gates*H), Wh (H, gates*H) and b (gates*H,); its `param_layout` comes from
+    `recurrent_layout`. `project` runs the one input GEMM over all T steps before the recurrent loop; `weight_grads` runs the one GEMM per weight after the backward
     loop. Arrays inside are time-major, (T, B, ...), so each step reads and writes contiguous rows.
     Truncated BPTT: forward starts from the state the previous block left (zeros at first or after
     `reset_state`); backward treats it as a constant.

@@ -16,8 +16,9 @@ import inspect
 
 import numpy as np
 
+from .contract import GENERIC_LAYOUT
 from .errors import SpecError
-from .layers import LayerContext
+from .layers import LayerContext, layer_repr
 from .registry import check_spec
 
 
@@ -103,6 +104,7 @@ class Model:
         self.vocab_size = int(vocab_size)
         self.backend = backend
         self.names = layer_names(self.specs)
+        self.layer_sources = {spec["type"]: registry.get(spec["type"]).provenance() for spec in self.specs}
         self.seed = int(seed)
         rng = backend.host_rng(seed)
         self.step_counter = backend.xp.zeros(1, np.uint32)  # the training iteration, for dropout masks
@@ -173,6 +175,30 @@ class Model:
     def grads(self):
         """{"layer.param": gradient}, the same keys as `params`."""
         return {f"{n}.{k}": v for n, layer in zip(self.names, self.layers) for k, v in layer.grads.items()}
+
+    def param_layouts(self):
+        """{"layer.param": HDF5 attributes} saying what each parameter's axes mean, from the layer
+        classes' `param_layout` (a generic one where a plugin declares none)."""
+        layouts = {}
+        for name, layer in zip(self.names, self.layers):
+            declared = getattr(layer, "param_layout", {})
+            for key in layer.params:
+                attrs = declared.get(key, GENERIC_LAYOUT).attrs()
+                layouts[f"{name}.{key}"] = {"layer_type": getattr(layer, "layer_type", None) or "", **attrs}
+        return layouts
+
+    def parameter_count(self):
+        """Scalars in all parameters (a tied weight counts once: it is one parameter)."""
+        return sum(int(v.size) for v in self.params.values())
+
+    def __repr__(self):
+        lines = [f"Model({len(self.layers)} layers, {self.parameter_count():,} parameters, vocabulary "
+                 f"{self.vocab_size:,}, {self.backend.dtype.name} on {self.backend.name})"]
+        width = max(len(n) for n in self.names)
+        for name, layer in zip(self.names, self.layers):
+            count = sum(int(v.size) for v in layer.params.values())
+            lines.append(f"  {name:<{width}}  {layer_repr(layer)}" + (f"  {count:,}" if count else ""))
+        return "\n".join(lines)
 
     def predict(self, xs):
         """Logits (B, T, V) for token ids xs (B, T); carries the recurrent state like forward."""

@@ -16,25 +16,32 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
+from .contract import LAYER_METHODS, STATEFUL_METHODS
 from .errors import PluginError, SpecError
 from .layers import Layer, LayerContext
 
 ENTRY_POINT_GROUP = "gpurnn"
-REQUIRED_METHODS = ("forward", "backward")
 
 
 @dataclass(frozen=True)
 class LayerType:
-    """A registered layer type: its name, class, and the plugin that provides it."""
+    """A registered layer type: its name, class, the plugin that provides it, and the installed
+    distribution (with its version) that plugin came from; None for plugins loaded by name or path."""
 
     name: str
     cls: type
     plugin: str
+    distribution: str | None = None
+    version: str | None = None
 
     @property
     def description(self):
         doc = inspect.getdoc(self.cls) or ""
         return doc.splitlines()[0] if doc else ""
+
+    def provenance(self):
+        """Where this type came from, as checkpoints record it: {"plugin", "distribution", "version"}."""
+        return {"plugin": self.plugin, "distribution": self.distribution, "version": self.version}
 
 
 def plugin_modules_from_env():
@@ -64,6 +71,7 @@ class Registry:
     def __init__(self, plugins=(), entry_points=True, env=True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.distributions = {}  # plugin name -> (distribution, version), for installed plugins
         if entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 try:
@@ -72,6 +80,8 @@ class Registry:
                     raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to import: "
                                       f"{type(exc).__name__}: {exc}") from exc
                 self._register(module, ep.value)
+                if ep.dist is not None:
+                    self.distributions[ep.value] = (ep.dist.name, ep.dist.version)
         names = list(plugins) + (plugin_modules_from_env() if env else [])
         for name in names:
             self._register(import_plugin_module(name), name)
@@ -102,7 +112,7 @@ class Registry:
                 if name in found:
                     raise PluginError(f"layer type {name!r} is provided by two plugins: "
                                       f"{found[name].plugin!r} and {plugin!r}")
-                found[name] = LayerType(name, cls, plugin)
+                found[name] = LayerType(name, cls, plugin, *self.distributions.get(plugin, (None, None)))
         return dict(sorted(found.items()))
 
     def get(self, name):
@@ -111,6 +121,13 @@ class Registry:
             known = ", ".join(self.layer_types) or "none"
             raise SpecError(f"unknown layer type {name!r}; known types: {known}")
         return self.layer_types[name]
+
+    def require(self, provenance):
+        """Refuse, before building anything, layer types that no loaded plugin provides, saying where
+        each came from: `provenance` maps type names to `LayerType.provenance()` records (or None)."""
+        for name, source in provenance.items():
+            if name not in self.layer_types:
+                raise SpecError(missing_layer_message(name, source or {}))
 
     def build_layer(self, spec, ctx: LayerContext):
         """A layer from a spec such as ``{"type": "rnn", "hidden_size": 100}``."""
@@ -123,7 +140,23 @@ class Registry:
             raise SpecError(f"layer {layer_type.name!r}: {exc}") from None
         layer = layer_type.cls(ctx, **options)
         check_layer_instance(layer, layer_type)
+        if isinstance(layer, Layer):
+            layer.layer_type = layer_type.name
         return layer
+
+
+def missing_layer_message(name, source):
+    """Why layer type `name` is unknown here and how to get it, from its recorded provenance."""
+    if source.get("distribution"):
+        dist, version = source["distribution"], source.get("version")
+        made = f" (version {version} made this file)" if version else ""
+        return (f"unknown layer type {name!r}: it comes from the distribution {dist!r}{made}, "
+                f"which is not installed here; pip install {dist}")
+    if source.get("plugin"):
+        plugin = source["plugin"]
+        return (f"unknown layer type {name!r}: it came from the plugin {plugin!r}, which is not loaded; "
+                f"pass --plugin {plugin} (or add it to GPURNN_PLUGINS)")
+    return f"unknown layer type {name!r}, and the file does not say which plugin provided it"
 
 
 def check_spec(spec):
@@ -133,19 +166,23 @@ def check_spec(spec):
 
 
 def check_layer_class(name, cls, plugin):
-    """Refuse a layer class that lacks the methods of the layer contract, naming the plugin."""
+    """Refuse a layer class that lacks the methods of the layer contract (`gpurnn.contract`), naming
+    the plugin."""
     if not isinstance(name, str) or not name or "." in name:
         raise PluginError(f"plugin {plugin!r}: layer type name {name!r} must be a non-empty string without dots")
     if not inspect.isclass(cls):
         raise PluginError(f"plugin {plugin!r}: layer type {name!r} is not a class")
-    for method in REQUIRED_METHODS:
+    methods = LAYER_METHODS + (STATEFUL_METHODS if getattr(cls, "stateful", False) else ())
+    for method in methods:
         impl = getattr(cls, method, None)
-        if not callable(impl) or impl is getattr(Layer, method):
-            raise PluginError(f"plugin {plugin!r}: layer type {name!r} has no {method}() method")
+        if not callable(impl) or impl in (Layer.forward, Layer.backward):  # the base's placeholders
+            kind = "stateful layer type" if method in STATEFUL_METHODS else "layer type"
+            raise PluginError(f"plugin {plugin!r}: {kind} {name!r} has no {method}() method")
 
 
 def check_layer_instance(layer, layer_type):
-    """Refuse a built layer whose params and grads do not match, naming the plugin."""
+    """Refuse a built layer whose params and grads do not match (`gpurnn.contract.LayerContract`),
+    naming the plugin."""
     where = f"plugin {layer_type.plugin!r}: layer type {layer_type.name!r}"
     params, grads = getattr(layer, "params", None), getattr(layer, "grads", None)
     if not isinstance(params, dict) or not isinstance(grads, dict):

@@ -13,6 +13,7 @@ The untied affine registers W then b, so in the model's flat buffer they are one
 
 import numpy as np
 
+from gpurnn.contract import ParamLayout
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix, require_input_size
@@ -21,6 +22,8 @@ from gpurnn.ops import column_sums, for_row_blocks
 
 class TimeAffine(Layer):
     """Dense projection at every time step; output size defaults to the vocabulary (logits)."""
+
+    param_layout = {"W": ParamLayout("x @ W + b", "input, output"), "b": ParamLayout("x @ W + b", "output")}
 
     def __new__(cls, ctx, output_size=None, init="default", tie_to=None):
         """``affine`` with ``tie_to`` builds a TiedAffine instead (one layer type for both in the specs)."""
@@ -62,6 +65,8 @@ class TimeAffine(Layer):
 
 class TiedAffine(Layer):
     """Dense projection with another layer's (V, D) table transposed as its weight, and its own bias."""
+
+    param_layout = {"b": ParamLayout("x @ E.T + b, E the tie_to layer's W (no weight stored here)", "output")}
 
     def __init__(self, ctx, output_size=None, init="default", tie_to=None):
         super().__init__(ctx)

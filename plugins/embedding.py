@@ -1,5 +1,6 @@
 """Embedding: token ids (B, T) -> word vectors (B, T, D), a row lookup in a (V, D) table."""
 
+from gpurnn.contract import ParamLayout
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix
 from gpurnn.ops import scatter_add_rows
@@ -9,6 +10,7 @@ class TimeEmbedding(Layer):
     """Word embedding: ids (B, T) -> vectors (B, T, size); init N(0,1)/100 as the textbook."""
 
     takes_ids = True
+    param_layout = {"W": ParamLayout("W[ids]: row v is token v's vector", "vocab, size")}
 
     def __init__(self, ctx, size=100, init="normal:0.01"):
         super().__init__(ctx)

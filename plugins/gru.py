@@ -13,12 +13,19 @@ two biases only ever appear summed, so b holds b_ih + b_hh there and b_in for n.
 import numpy as np
 
 from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import RecurrentLayer
+from gpurnn.contract import ParamLayout
+from gpurnn.layers import RecurrentLayer, recurrent_layout
 from gpurnn.ops import column_sums, gru_cell, gru_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeGRU(RecurrentLayer):
     """GRU over T steps (PyTorch's r, z, n); carries h to the next block (truncated BPTT)."""
+
+    param_layout = {
+        **recurrent_layout("r,z,n"),
+        "b": ParamLayout("added to x_t @ Wx: b_ih + b_hh for r and z, b_in for n", "3*hidden", "r,z,n"),
+        "bhn": ParamLayout("n = tanh(x_t @ Wx_n + b_n + r * (h_{t-1} @ Wh_n + bhn))", "hidden"),
+    }
 
     def __init__(self, ctx, hidden_size=100, stateful=True, init_wx="default", init_wh="default"):
         super().__init__(ctx, "gru", 3, hidden_size, stateful, init_wx, init_wh)

@@ -9,7 +9,7 @@ Wx (D, 4H), Wh (H, 4H), b (4H,). PyTorch's two biases b_ih + b_hh are one bias h
 """
 
 from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import RecurrentLayer
+from gpurnn.layers import RecurrentLayer, recurrent_layout
 from gpurnn.ops import lstm_backward_factors, lstm_cell, lstm_cell_backward, recurrent_loop, step_matmul
 
 
@@ -17,6 +17,7 @@ class TimeLSTM(RecurrentLayer):
     """LSTM over T steps (gates i, f, g, o); carries h and c to the next block (truncated BPTT)."""
 
     state_names = ("h", "c")
+    param_layout = recurrent_layout("i,f,g,o")
 
     def __init__(self, ctx, hidden_size=100, stateful=True, init_wx="default", init_wh="default"):
         super().__init__(ctx, "lstm", 4, hidden_size, stateful, init_wx, init_wh)

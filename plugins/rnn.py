@@ -1,12 +1,14 @@
 """The Elman RNN: h_t = tanh(h_{t-1} Wh + x_t Wx + b), stateful across truncated-BPTT blocks."""
 
 from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import RecurrentLayer
+from gpurnn.layers import RecurrentLayer, recurrent_layout
 from gpurnn.ops import rnn_cell, rnn_cell_backward, recurrent_loop, step_matmul
 
 
 class TimeRNN(RecurrentLayer):
     """Elman RNN over T steps; carries h to the next block (truncated BPTT)."""
+
+    param_layout = recurrent_layout("")
 
     def __init__(self, ctx, hidden_size=100, stateful=True, init_wx="default", init_wh="default"):
         super().__init__(ctx, "rnn", 1, hidden_size, stateful, init_wx, init_wh)

@@ -26,16 +26,19 @@ class TimeSoftmaxWithLoss(Layer):
         """Stable and fused (see `gpurnn.ops.softmax_cross_entropy`); the input is not modified.
 
         Returns the mean loss as a 0-d array on the device: nothing here waits for the GPU. In
-        evaluation mode nothing is kept for a backward (no N x V buffer is written).
+        evaluation mode no N x V buffer is written (a backward then recomputes what it needs).
         """
         x2 = x.reshape(-1, x.shape[-1])
         buffer = self._work_buffer(x2.shape, x2.dtype) if self.training else None
         loss, self.cache = softmax_cross_entropy(x2, t.reshape(-1), self.ignore_index, buffer)
-        self.shape = x.shape
+        self.inputs, self.shape, self.buffered = (x2, t.reshape(-1)), x.shape, buffer is not None
         return loss
 
     def backward(self, dout=1.0):
         """d loss / d x, written into the reused work buffer: valid until the next forward."""
+        if not self.buffered:  # an evaluation-mode forward kept no buffer: run it again with one
+            x2, t = self.inputs
+            _, self.cache = softmax_cross_entropy(x2, t, self.ignore_index, self._work_buffer(x2.shape, x2.dtype))
         dx = softmax_cross_entropy_backward(self.cache, dout)
         self.cache = None
         return dx.reshape(self.shape)

@@ -25,6 +25,11 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture
+def small_corpus(tmp_path):
+    return write_small_corpus(tmp_path)
+
+
 def write_small_corpus(folder):
     """A prepared word corpus in `folder` with train/valid/test splits from the first PTB lines (shipped text)."""
     from importlib.resources import files

@@ -81,3 +81,14 @@ def test_bad_specs_are_clear_errors(registry, np64, specs, message):
 def test_unknown_preset(registry):
     with pytest.raises(SpecError, match="unknown model preset 'nope'"):
         preset_specs("nope")
+
+
+def test_print_model_shows_each_layer_its_shapes_and_the_parameter_count(registry, np64):
+    specs = preset_specs("better-rnnlm", wordvec_size=6, hidden_size=6)
+    model = Model(specs, V, np64, registry)
+    text = repr(model)
+    count = sum(v.size for v in model.params.values())
+    assert text.splitlines()[0] == f"Model(8 layers, {count:,} parameters, vocabulary {V}, float64 on numpy)"
+    assert "  lstm2         TimeLSTM('lstm', output_size=6, Wx (6, 24), Wh (6, 24), b (24,))  312" in text
+    assert "TiedAffine('affine', output_size=11, tie_to='embedding', b (11,))  11" in text
+    assert count == 11 * 6 + 2 * (6 * 24 + 6 * 24 + 24) + 11  # the tied table counted once

@@ -6,6 +6,7 @@ either is missing; CI installs the extra so they run there.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -287,5 +288,6 @@ def test_ctrl_c_stops_every_rank_at_once_and_the_last_checkpoint_resumes(corpus,
     job = start_long_run(corpus, checkpoint)
     job.send_signal(signal.SIGINT)  # to mpiexec, which passes it on to the ranks
     code, output = finished_within(job, 30)
-    assert code == 130 and "gpurnn: error: rank 0 of 2: interrupted; resume from the last saved checkpoint" in output
+    assert code == 130  # each rank says so, unless the first to abort ends the other before it does
+    assert re.search(r"gpurnn: error: rank [01] of 2: interrupted; resume from the last saved checkpoint", output)
     resumes(corpus, checkpoint)

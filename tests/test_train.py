@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from gpurnn.cli import main
-from tests.conftest import write_small_corpus
 from gpurnn.train.checkpoint import load_checkpoint
 
 
@@ -169,11 +168,6 @@ def test_plot_needs_matplotlib_or_draws(capsys, tmp_path):
     png = tmp_path / "p.png"
     assert run(capsys, "--backend", "numpy", "train", "--quiet", "--max-iters", "40", "--plot", str(png))[0] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def small_corpus(tmp_path):
-    return write_small_corpus(tmp_path)
 
 
 def test_train_with_validation_decays_lr_and_eval_scores_the_whole_split(capsys, tmp_path, small_corpus):

@@ -216,3 +216,16 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise():
     quiet = FakeTerminal(True)
     TrainingProgress(20, quiet=True, out=quiet).on_log(record)
     assert quiet.text == ""
+
+
+def test_perplexity_sums_the_block_losses_in_float64(registry):
+    """600 float32 block losses: summed in float32 they drift by about 1e-6, in float64 not at all."""
+    from gpurnn.backend import get_backend
+    from gpurnn.model import Model, preset_specs
+    model = Model(preset_specs("simple-rnnlm", wordvec_size=4, hidden_size=5), 9, get_backend("numpy"), registry)
+    ids = np.random.default_rng(0).integers(0, 9, 3001)
+    ppl, tokens = perplexity(model, ids, batch_size=1, time_size=5)
+    model.eval().reset_state()
+    total = sum(float(model.forward(xs, ts)) * count for xs, ts, count in eval_batches(ids, 1, 5))
+    assert tokens == 3000
+    assert abs(np.log(ppl) - total / tokens) < 1e-12

@@ -2,11 +2,13 @@
 
 The layout is documented in docs/checkpoint-format.md: /params, /optimizer and /state hold one
 dataset per array, /vocab the vocabulary, and a JSON `meta` attribute the model specs, options,
-counters and stream/generator state. The file is written under a temporary name in the same folder
-and renamed, so a checkpoint on disk is never half-written.
+counters and stream state. Each parameter dataset says what its axes mean in attributes, so the file
+can be read without gpurnn. The file is written under a temporary name in the same folder and
+renamed, so a checkpoint on disk is never half-written. Format 1 files (no layout attributes) load too.
 """
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import h5py
@@ -16,7 +18,7 @@ from ..atomic import atomic_path
 from ..errors import CheckpointError
 
 FORMAT = "gpurnn-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def check_writable(path):
@@ -28,19 +30,37 @@ def check_writable(path):
         raise CheckpointError(f"cannot write checkpoint {path}: it is a folder")
 
 
-def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta):
-    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable."""
+def gpurnn_version():
+    try:
+        return version("gpurnn")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta, layouts=None):
+    """Write a checkpoint atomically. Arrays are host NumPy arrays; `meta` must be JSON-serialisable;
+    `layouts` maps parameter names to the attributes saying what their axes mean (`Model.param_layouts`)."""
     path = Path(path)
     check_writable(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["gpurnn_version"] = gpurnn_version()
+        f.attrs["dtype"] = ",".join(sorted({np.asarray(v).dtype.name for v in params.values()}))
         f.attrs["meta"] = json.dumps(meta)
         for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
             g = f.create_group(group)
             for name, value in arrays.items():
                 g.create_dataset(name, data=np.asarray(value))
+        write_layouts(f["params"], layouts or {})
         f.create_dataset("vocab", data=np.array(list(vocab), dtype=h5py.string_dtype("utf-8")))
+
+
+def write_layouts(group, layouts):
+    """Each parameter dataset's layout as string attributes (role, axes, gates, layer_type)."""
+    for name, attrs in layouts.items():
+        for key, value in attrs.items():
+            group[name].attrs[key] = value
 
 
 class Checkpoint:

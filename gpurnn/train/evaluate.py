@@ -51,7 +51,7 @@ def perplexity(model, ids, batch_size=10, time_size=35):
     try:
         for xs, ts, count in eval_batches(ids, batch_size, time_size):
             loss = model.forward(backend.asarray(xs), backend.asarray(ts))
-            total = total + loss * count  # stays on the device until the end
+            total = total + loss.astype(np.float64) * count  # float64, on the device until the end
             tokens += count
         mean = float(total) / tokens
     finally:

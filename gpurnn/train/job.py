@@ -74,6 +74,7 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
             if not checkpoint:
                 raise CheckpointError("--resume needs --checkpoint PATH")
             saved = load_checkpoint(checkpoint)
+            require_layer_types(saved, registry)
             check_resume(saved, corpus, specs, options, explicit)
             specs = saved.meta["specs"]
             options = {**saved.meta["config"], **{k: v for k, v in options.items() if k in explicit}}
@@ -117,8 +118,16 @@ def check_resume(saved, corpus, specs, options, explicit):
                                   f"({saved.meta['config'][name]}); leave it out when resuming")
 
 
+def require_layer_types(saved, registry):
+    """Refuse a checkpoint whose layer types no loaded plugin provides, naming what to install."""
+    meta = saved.meta
+    recorded = meta.get("layer_types") or {}
+    registry.require({spec["type"]: recorded.get(spec["type"]) for spec in meta["specs"]})
+
+
 def model_from_checkpoint(saved, backend, registry):
     """The model a checkpoint describes, with its parameters, in evaluation mode."""
+    require_layer_types(saved, registry)
     meta = saved.meta
     model = Model(meta["specs"], meta["vocab_size"], backend, registry)
     restore_params(model.params, saved, backend)

@@ -200,6 +200,7 @@ class Trainer:
         meta = {
             **self.extra_meta,
             "specs": self.model.specs,
+            "layer_types": self.model.layer_sources,
             "vocab_size": self.model.vocab_size,
             "config": asdict(self.config),
             "trainer": {"iteration": self.iteration, "best_valid": _json_float(self.best_valid),
@@ -212,7 +213,7 @@ class Trainer:
                         params={k: backend.to_host(v) for k, v in self.model.params.items()},
                         optimizer_arrays=arrays,
                         state=state,
-                        vocab=self.vocab, meta=meta)
+                        vocab=self.vocab, meta=meta, layouts=self.model.param_layouts())
         self.saved_iteration = self.iteration
 
     def restore(self, checkpoint):

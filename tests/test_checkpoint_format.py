@@ -1,0 +1,130 @@
+"""Checkpoint format 2 as docs/checkpoint-format.md describes it: layout attributes, version and
+dtype records, logits rebuilt without gpurnn, and version 1 files still loading and resuming."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from gpurnn.backend import get_backend
+from gpurnn.cli import main
+from gpurnn.contract import GENERIC_LAYOUT
+from gpurnn.model import Model
+from gpurnn.registry import Registry
+from gpurnn.train.checkpoint import load_checkpoint
+from gpurnn.train.job import model_from_checkpoint
+
+READER = Path(__file__).parent / "checkpoint_reader.py"
+TIED_LSTM = """
+[[layers]]
+type = "embedding"
+size = 8
+
+[[layers]]
+type = "dropout"
+
+[[layers]]
+type = "lstm"
+hidden_size = 8
+
+[[layers]]
+type = "affine"
+tie_to = "embedding"
+
+[[layers]]
+type = "softmax_loss"
+"""
+
+
+def train(capsys, tmp_path, *model):
+    ck = tmp_path / "ck.h5"
+    code, _, err = main(["--backend", "numpy", "train", "--quiet", *model, "--max-iters", "20", "--optimizer", "adam",
+                         "--lr", "0.01", "--checkpoint", str(ck)]), *capsys.readouterr()
+    assert code == 0, err
+    return ck
+
+
+@pytest.mark.parametrize("model", ["simple-rnnlm", "rnnlm", "tied-lstm"])
+def test_logits_rebuilt_with_h5py_alone_match_gpurnn(capsys, tmp_path, model):
+    if model == "tied-lstm":
+        (tmp_path / "m.toml").write_text(TIED_LSTM)
+        options = ["--model-config", str(tmp_path / "m.toml")]
+    else:
+        options = ["--model", model, "--wordvec-size", "8", "--hidden-size", "8"]
+    ck = train(capsys, tmp_path, *options)
+    ids = np.random.default_rng(0).integers(0, 418, (3, 6)).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    block_gpurnn = "import sys; sys.modules['gpurnn'] = None; sys.argv = sys.argv[1:]; import runpy; "
+    subprocess.run([sys.executable, "-c", block_gpurnn + "runpy.run_path(sys.argv[0], run_name='__main__')",
+                    str(READER), str(ck), str(tmp_path / "ids.npy"), str(tmp_path / "out.npy")], check=True)
+    outside = np.load(tmp_path / "out.npy")
+    gpurnn = model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), Registry()).predict(ids)
+    assert outside.shape == gpurnn.shape == (3, 6, 418)
+    np.testing.assert_allclose(outside, gpurnn, rtol=1e-4, atol=1e-5)
+
+
+def test_files_record_version_dtype_layouts_and_no_generator_state(capsys, tmp_path):
+    (tmp_path / "m.toml").write_text(TIED_LSTM.replace('type = "lstm"', 'type = "gru"'))
+    ck = train(capsys, tmp_path, "--model-config", str(tmp_path / "m.toml"))
+    with h5py.File(ck, "r") as f:
+        assert f.attrs["format_version"] == 2 and f.attrs["dtype"] == "float32"
+        assert f.attrs["gpurnn_version"] == "0.1.0"
+        assert "affine.W" not in f["params"]
+        wx = dict(f["params/gru.Wx"].attrs)
+        assert wx == {"layer_type": "gru", "role": "x_t @ Wx", "axes": "input, 3*hidden", "gates": "r,z,n"}
+        assert f["params/gru.bhn"].attrs["axes"] == "hidden"
+        assert "tie_to" in f["params/affine.b"].attrs["role"]
+        meta = json.loads(f.attrs["meta"])
+    assert set(meta["stream"]) == {"split", "tokens", "batch_size", "time_size", "iteration"}
+    documented = (Path(__file__).parents[1] / "docs" / "checkpoint-format.md").read_text()
+    for key in [*meta, *meta["config"], *meta["stream"], *meta["trainer"]]:
+        assert f"`{key}`" in documented, key
+    assert meta["layer_types"]["gru"]["plugin"] == "gpurnn_plugins.gru"
+    assert "generator" not in meta
+    assert meta["corpus"] == "demo"
+
+
+def test_a_plugin_layer_without_a_layout_gets_the_generic_one(tmp_path):
+    from .test_plugins import SCALED_TANH
+    plugin = tmp_path / "st.py"
+    plugin.write_text(SCALED_TANH)
+    specs = [{"type": "embedding", "size": 3}, {"type": "scaled_tanh"}, {"type": "affine"}, {"type": "softmax_loss"}]
+    layouts = Model(specs, 5, get_backend("numpy"), Registry(plugins=[str(plugin)])).param_layouts()
+    assert layouts["scaled_tanh.scale"] == {"layer_type": "scaled_tanh", **GENERIC_LAYOUT.attrs()}
+    assert layouts["affine.W"]["role"] == "x @ W + b"
+
+
+def make_version_1(path):
+    """Turn a version 2 file into what version 1 wrote: no layouts, version or dtype records, no
+    layer_types, and NumPy's PCG64 state (128-bit integers as JSON numbers) for the dropout generator."""
+    with h5py.File(path, "a") as f:
+        for name in ("gpurnn_version", "dtype"):
+            del f.attrs[name]
+        f.attrs["format_version"] = 1
+        for dataset in f["params"].values():
+            for key in list(dataset.attrs):
+                del dataset.attrs[key]
+        meta = json.loads(f.attrs["meta"])
+        del meta["layer_types"]
+        meta["generator"] = {"bit_generator": "PCG64", "state": {"state": 2 ** 127 + 1, "inc": 3},
+                             "has_uint32": 0, "uinteger": 0}
+        f.attrs["meta"] = json.dumps(meta)
+
+
+def test_version_1_files_still_evaluate_and_resume_bit_identically(capsys, tmp_path):
+    common = ["--backend", "numpy", "train", "--quiet", "--model-config", str(tmp_path / "m.toml"),
+              "--optimizer", "adam", "--lr", "0.01"]
+    (tmp_path / "m.toml").write_text(TIED_LSTM)
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert main([*common, "--max-iters", "30", "--checkpoint", str(full)]) == 0
+    assert main([*common, "--max-iters", "12", "--checkpoint", str(part)]) == 0
+    make_version_1(part)
+    assert main(["--backend", "numpy", "generate", str(part), "--length", "3"]) == 0
+    assert main([*common, "--max-iters", "30", "--checkpoint", str(part), "--resume"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
