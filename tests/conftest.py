@@ -27,13 +27,17 @@ def rng():
 
 @pytest.fixture
 def small_corpus(tmp_path):
-    """A prepared word corpus with train/valid/test splits from the first PTB lines (shipped demo text)."""
+    return write_small_corpus(tmp_path)
+
+
+def write_small_corpus(folder):
+    """A prepared word corpus in `folder` with train/valid/test splits from the first PTB lines (shipped text)."""
     from importlib.resources import files
 
     from gpurnn.data import prepare_corpus
     lines = files("gpurnn.data").joinpath("ptb_first_1000_words.txt").read_text().splitlines()
     for name, part in (("train", lines[:30]), ("valid", lines[30:37]), ("test", lines[37:])):
-        (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
-    out = tmp_path / "small.h5"
-    prepare_corpus(tmp_path / "train.txt", out, valid=tmp_path / "valid.txt", test=tmp_path / "test.txt")
+        (folder / f"{name}.txt").write_text("\n".join(part) + "\n")
+    out = folder / "small.h5"
+    prepare_corpus(folder / "train.txt", out, valid=folder / "valid.txt", test=folder / "test.txt")
     return out
