@@ -1,4 +1,4 @@
-"""Train a tiny LSTM model in float64 through `prepare_job` (the CLI trains in float32).
+"""Train a tiny LSTM model with dropout in float64 through `prepare_job` (the CLI trains in float32).
 
 Used by test_parallel.py, alone or under mpiexec:
 
@@ -21,7 +21,7 @@ OPTIONS = {"batch_size": 4, "time_size": 5, "optimizer": "sgd", "lr": 1.0, "clip
 def main(corpus, checkpoint, max_iters, resume=False):
     options = {**OPTIONS, "max_iters": int(max_iters)}
     explicit = {"max_iters"} if resume else set(options)
-    trainer, _ = prepare_job(corpus, specs=preset_specs("rnnlm", wordvec_size=16, hidden_size=16),
+    trainer, _ = prepare_job(corpus, specs=preset_specs("rnnlm", wordvec_size=16, hidden_size=16, dropout=0.3),
                              options=options, explicit=explicit, backend=get_backend("numpy", dtype="float64"),
                              registry=Registry(), checkpoint=checkpoint, resume=resume)
     trainer.run()

@@ -83,10 +83,11 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
         chosen = {k: v for k, v in options.items() if v is not None}
         config = TrainConfig(**{**defaults, **chosen})
         train_ids = corpus.split("train")
-        stream = BPTTStream(train_ids, config.batch_size, config.time_size, lanes=group.lanes(config.batch_size))
+        lanes = group.lanes(config.batch_size)
+        stream = BPTTStream(train_ids, config.batch_size, config.time_size, lanes=lanes)
         if "log_every" not in chosen:
             config.log_every = min(stream.steps_per_epoch, 100)
-        model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed)
+        model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed, first_lane=lanes[0])
         valid = corpus.split("valid")[:] if "valid" in corpus.splits else None
         trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
                           valid_ids=valid if valid is not None and len(valid) > 1 else None,
