@@ -22,6 +22,7 @@ from .backend import BACKEND_NAMES, get_backend, probe_cupy
 from .errors import GpurnnError
 from .model import PRESETS
 from .registry import Registry
+from .train.parallel import on_every_rank, world
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -303,9 +304,12 @@ def preset_option(decl, kind, preset_default, text):
         help="CuPy: capture the training step once as a CUDA graph and replay it.")
 @runtime_options
 @click.pass_context
+@on_every_rank
 def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_best, resume, metrics, plot,
           quiet, **options):
     """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo).
+
+    Under `mpiexec -n R` the R processes train one model together, each on B / R lanes of the batch.
 
     The run's checkpoint, records and best checkpoint go to a run folder (runs/<run id>/ unless
     --run-dir or --checkpoint says otherwise); their paths are printed at the end.
@@ -326,7 +330,8 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
     if plot:
         require_matplotlib()
     model_name = Path(model_config).stem if model_config else model
-    run_id = new_run_id(model_name)
+    group = world()  # under mpiexec: rank 0 names the run and alone writes its records
+    run_id = group.from_root(lambda: new_run_id(model_name))
     explicit = given_options(ctx, TRAIN_FLAGS)
     if model_given or model_config:
         explicit.add("specs")
@@ -341,7 +346,7 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
             if keep_best and trainer.valid_ids is None:
                 raise click.UsageError("--keep-best needs a corpus with a validation split", ctx)
             log = MetricsLog(metrics or sibling(checkpoint, ".metrics.jsonl"),
-                             run_header(trainer, corpus, checkpoint), resume=resume)
+                             run_header(trainer, corpus, checkpoint), resume=resume, write=group.rank == 0)
         except BaseException:
             trainer.release_lock()  # the checkpoint is free again, and the lock file gone
             raise

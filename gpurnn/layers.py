@@ -22,8 +22,10 @@ class LayerContext:
     of the previous layer's output (None for the first layer); vocab_size: the model's vocabulary size.
     For layers that sample while training (dropout): seed, the model's seed; step, a 1-element uint32
     array holding the training iteration (on the device; None where a layer is built alone); index,
-    the layer's position in the model. A mask drawn as a function of (seed, step, index) needs no
-    generator state: a resumed run, or the other backend, draws the same one.
+    the layer's position in the model; first_lane, which lane of the whole batch this process's
+    first row is (0 but in a data-parallel job). A mask drawn as a function of (seed, step, index,
+    global element) needs no generator state: a resumed run, the other backend, or R processes
+    sharing the batch draw the same one.
     """
 
     backend: Backend
@@ -33,6 +35,7 @@ class LayerContext:
     seed: int = 0
     step: object = None
     index: int = 0
+    first_lane: int = 0
 
 
 class Layer:

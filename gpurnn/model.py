@@ -92,9 +92,13 @@ def layer_names(specs):
 
 
 class Model:
-    """Layers built from specs; forward(xs, ts) -> loss, backward(), predict(xs) -> logits."""
+    """Layers built from specs; forward(xs, ts) -> loss, backward(), predict(xs) -> logits.
 
-    def __init__(self, specs, vocab_size, backend, registry, seed=0):
+    first_lane: in a data-parallel job, which lane of the whole batch this process's first row is,
+    so its dropout masks are those lanes' part of the whole batch's masks.
+    """
+
+    def __init__(self, specs, vocab_size, backend, registry, seed=0, first_lane=0):
         if not specs:
             raise SpecError("a model needs at least one layer and a loss layer")
         self.specs = copy.deepcopy(list(specs))
@@ -109,7 +113,7 @@ class Model:
         size = None
         for index, spec in enumerate(self.specs):
             ctx = LayerContext(backend, rng, size, self.vocab_size, seed=self.seed, step=self.step_counter,
-                               index=index)
+                               index=index, first_lane=first_lane)
             layer = registry.build_layer(spec, ctx)
             self.layers.append(layer)
             size = getattr(layer, "output_size", size)

@@ -23,7 +23,7 @@ class TimeDropout(Layer):
             raise SpecError(f"dropout p must be in [0, 1), got {p!r}")
         self.p = float(p)
         self.output_size = require_input_size(ctx, "dropout")
-        self.seed, self.index = ctx.seed, ctx.index
+        self.seed, self.index, self.first_lane = ctx.seed, ctx.index, ctx.first_lane
         self.step = ctx.step if ctx.step is not None else self.xp.zeros(1, np.uint32)
         self.active = False
 
@@ -31,12 +31,13 @@ class TimeDropout(Layer):
         self.active = self.training and self.p > 0
         if not self.active:
             return x
-        return dropout(x, self.xp.empty(x.shape, x.dtype), self.p, self.seed, self.step, self.index)
+        return dropout(x, self.xp.empty(x.shape, x.dtype), self.p, self.seed, self.step, self.index, self.first_lane)
 
     def backward(self, dout):
         if not self.active:
             return dout
-        return dropout(dout, self.xp.empty(dout.shape, dout.dtype), self.p, self.seed, self.step, self.index)
+        return dropout(dout, self.xp.empty(dout.shape, dout.dtype), self.p, self.seed, self.step, self.index,
+                       self.first_lane)
 
 
 @hookimpl

@@ -26,9 +26,13 @@ def rng():
     return np.random.default_rng(1234)
 
 
-def make_small_corpus(folder):
-    """A prepared word corpus with train/valid/test splits from the first PTB lines (shipped demo text),
-    in `folder`; returns its path."""
+@pytest.fixture
+def small_corpus(tmp_path):
+    return write_small_corpus(tmp_path)
+
+
+def write_small_corpus(folder):
+    """A prepared word corpus in `folder` with train/valid/test splits from the first PTB lines (shipped text)."""
     from importlib.resources import files
 
     from gpurnn.data import prepare_corpus
@@ -40,8 +44,3 @@ def make_small_corpus(folder):
     prepare_corpus(folder / "train.txt", out, valid=folder / "valid.txt", test=folder / "test.txt")
     return out
 
-
-@pytest.fixture
-def small_corpus(tmp_path):
-    """The small corpus in its own folder, `tmp_path / "corpus"`."""
-    return make_small_corpus(tmp_path / "corpus")

@@ -19,7 +19,7 @@ import pytest
 from gpurnn.cli import main
 from gpurnn.train.checkpoint import load_checkpoint, verify_checkpoint
 
-from .conftest import make_small_corpus
+from .conftest import write_small_corpus
 
 TINY = ["--hidden-size", "8", "--wordvec-size", "8"]
 # A schedule whose learning rate decays during the run (lr 1.0 overfits the small corpus quickly).
@@ -38,7 +38,7 @@ def cli(*args):
 
 def train_small(folder):
     """A small corpus in `folder` and a checkpoint trained on it for 40 iterations (its lr decayed)."""
-    corpus, ck = make_small_corpus(folder), folder / "ck.h5"
+    corpus, ck = write_small_corpus(folder), folder / "ck.h5"
     code, _, err = cli("train", corpus, *SMALL_RUN, "--max-iters", 40, "--checkpoint", ck)
     assert code == 0, err
     return corpus, ck

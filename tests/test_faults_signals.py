@@ -10,7 +10,7 @@ import pytest
 from gpurnn.atomic import PAUSE_ENV
 from gpurnn.train.checkpoint import load_checkpoint
 
-from .conftest import make_small_corpus
+from .conftest import write_small_corpus
 from .faultkit import (DECAYING, STOP_SIGNALS, TINY, assert_good_checkpoint, assert_no_traceback,
                        assert_one_line_error, assert_same_run, cli, litter, send, start, wait_for_lines)
 
@@ -21,7 +21,7 @@ ITERS = 300
 def job(tmp_path_factory):
     """The arguments of a small decaying run on the small corpus, and its uninterrupted checkpoint."""
     folder = tmp_path_factory.mktemp("job")
-    args = ["train", make_small_corpus(folder), "--quiet", *TINY, *DECAYING, "--max-iters", ITERS]
+    args = ["train", write_small_corpus(folder), "--quiet", *TINY, *DECAYING, "--max-iters", ITERS]
     reference = folder / "reference.h5"
     code, _, err = cli(*args, "--checkpoint", reference)
     assert code == 0, err

@@ -107,6 +107,14 @@ def test_dropout_keeps_one_minus_p_without_correlation_between_steps():
     assert (masks[0] & masks[1]).mean() == pytest.approx(0.25, abs=0.005)  # independent across steps
 
 
+def test_a_process_holding_some_lanes_draws_those_lanes_of_the_whole_mask():
+    x = np.ones((6, 4, 5))
+    step = np.array([3], np.uint32)
+    whole = ops.dropout(x, np.empty_like(x), 0.5, 9, step, 2)
+    part = ops.dropout(x[2:5], np.empty((3, 4, 5)), 0.5, 9, step, 2, first_lane=2)
+    np.testing.assert_array_equal(part, whole[2:5])
+
+
 def test_small_work_stays_on_the_calling_thread_and_large_work_splits(monkeypatch):
     import threading
 

@@ -146,25 +146,61 @@ def test_hdf5_split_streams_like_the_array(tmp_path, small_read_ahead, rng, in_m
     np.testing.assert_array_equal(ids, corpus_from_text(text).split("train"))
 
 
+class CountingSplit:
+    """A split (sliceable, with len) over `ids` that records the length of every read."""
+
+    name = "counted"
+
+    def __init__(self, ids):
+        self.ids, self.reads = ids, []
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        self.reads.append(index.stop - index.start)
+        return self.ids[index]
+
+
 def test_hdf5_reads_are_blocks_never_single_tokens(tmp_path):
     """Each refill reads one slice per lane (two when it wraps), each many steps long."""
     ids = np.arange(100_000, dtype=np.int32)
-
-    class CountingSplit:
-        name = "counted"
-        reads = []
-
-        def __len__(self):
-            return len(ids)
-
-        def __getitem__(self, index):
-            self.reads.append(index.stop - index.start)
-            return ids[index]
-
-    split = CountingSplit()
+    split = CountingSplit(ids)
     stream = BPTTStream(split, 8, 10, in_memory=False)
     for _ in range(stream.steps_per_epoch):
         next(stream)
     refills = -(-stream.steps_per_epoch // stream._block_steps)
     assert min(split.reads) > 10 * stream.time_size and len(split.reads) <= 2 * 8 * refills
     assert sum(split.reads) <= len(ids) + 2 * 8 * refills  # each id read once (plus one per read for ts)
+
+
+@pytest.mark.parametrize("lanes", [(0, 3), (3, 6), (2, 3), (0, 6)])
+def test_a_lane_subset_yields_those_rows_of_the_global_batches(small_read_ahead, rng, lanes):
+    """Rows lo..hi-1 of every global batch, across refills and epochs; the state stays the global one."""
+    ids = rng.integers(0, 50, 300).astype(np.int32)
+    whole, part = BPTTStream(ids, 6, 7), BPTTStream(ids, 6, 7, lanes=lanes)
+    assert part.lanes == lanes and part.steps_per_epoch == whole.steps_per_epoch
+    for _ in range(2 * whole.steps_per_epoch + 3):
+        (wx, wt), (px, pt) = next(whole), next(part)
+        np.testing.assert_array_equal(px, wx[lanes[0]:lanes[1]])
+        np.testing.assert_array_equal(pt, wt[lanes[0]:lanes[1]])
+    assert part.state_dict() == whole.state_dict()
+
+
+def test_a_lane_subset_reads_only_its_lanes_from_the_file():
+    """Two ranks' streams over a split read about half of it each per epoch, never the whole."""
+    ids = np.arange(100_000, dtype=np.int32)
+    splits = [CountingSplit(ids), CountingSplit(ids)]
+    streams = [BPTTStream(splits[0], 8, 10, lanes=(0, 4)), BPTTStream(splits[1], 8, 10, lanes=(4, 8))]
+    assert not any(s.in_memory for s in streams)
+    for stream in streams:
+        for _ in range(stream.steps_per_epoch):
+            next(stream)
+    for split in splits:
+        assert max(split.reads) < len(ids) // 4 and sum(split.reads) <= len(ids) // 2 + 100
+
+
+@pytest.mark.parametrize("lanes", [(3, 3), (-1, 2), (0, 7), "ab", (1,)])
+def test_bad_lanes_are_refused(lanes):
+    with pytest.raises(DataError, match="lanes"):
+        BPTTStream(np.arange(100, dtype=np.int32), 6, 2, lanes=lanes)

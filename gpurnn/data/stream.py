@@ -15,6 +15,10 @@ lanes padded with IGNORE targets, which the loss skips.
 Reading: each refill reads, for every lane, one contiguous block of many steps (two when the lane wraps)
 into (B, L) buffers, and the batches are column slices of them. An HDF5 split is read that way at
 constant memory; it is loaded whole only when small (or `in_memory=True`).
+
+Lanes: `lanes=(lo, hi)` makes a stream that yields only rows lo..hi-1 of the global batch (the share
+of one rank in data-parallel training) and reads only those lanes' ids; offsets, epochs and the state
+are still those of the whole batch, so any split of the lanes sees exactly the global batches' rows.
 """
 
 import math
@@ -34,10 +38,12 @@ class BPTTStream:
 
     `split` is a corpus split (sliceable, with len) or a 1-D NumPy array of ids. `.iteration` counts the
     batches given so far, `.epoch` the completed epochs, `.steps_per_epoch` the batches per epoch;
-    `.in_memory` says whether the whole split is held in memory.
+    `.in_memory` says whether the whole split is held in memory. `lanes=(lo, hi)` yields rows lo..hi-1
+    of each global batch (`.lanes`); a stream of a lane subset reads the split from its source (a
+    file) unless `in_memory=True`.
     """
 
-    def __init__(self, split, batch_size, time_size, *, in_memory=None, name=None):
+    def __init__(self, split, batch_size, time_size, *, in_memory=None, name=None, lanes=None):
         if isinstance(split, np.ndarray) and split.ndim != 1:
             raise DataError(f"a split of ids must be 1-D, not of shape {split.shape}")
         self.name = name or getattr(split, "name", None) or "array"
@@ -52,14 +58,16 @@ class BPTTStream:
         self.jump = positions // self.batch_size
         self.steps_per_epoch = positions // (self.batch_size * self.time_size)
         self.iteration = 0
+        self.lanes = check_lanes(lanes, self.batch_size)
         if in_memory is None:
-            in_memory = isinstance(split, np.ndarray) or self.tokens <= IN_MEMORY_IDS
+            whole = self.lanes == (0, self.batch_size)
+            in_memory = isinstance(split, np.ndarray) or (whole and self.tokens <= IN_MEMORY_IDS)
         self._ids = np.asarray(split[:], dtype=np.int32) if in_memory else split
         self.in_memory = isinstance(self._ids, np.ndarray)
         # A block spans at most one epoch: a lane then reads at most M // B ids, wrapping at most once.
         steps = max(1, READ_AHEAD_IDS // (self.batch_size * self.time_size))
         self._block_steps = min(steps, self.steps_per_epoch)
-        self._xs = np.empty((self.batch_size, self._block_steps * self.time_size), dtype=np.int32)
+        self._xs = np.empty((self.lanes[1] - self.lanes[0], self._block_steps * self.time_size), dtype=np.int32)
         self._ts = np.empty_like(self._xs)
         self._block_start = None  # the step at which the buffered block begins
 
@@ -83,16 +91,17 @@ class BPTTStream:
         """Read the block of `_block_steps` steps starting at step k into the lane buffers."""
         positions = self.tokens - 1
         length = self._xs.shape[1]
-        for b in range(self.batch_size):
+        lo, hi = self.lanes
+        for b in range(lo, hi):
             p = (b * self.jump + k * self.time_size) % positions
             first = min(length, positions - p)  # ids before the lane wraps to the start
-            self._read_lane(b, 0, p, first)
+            self._read_lane(b - lo, 0, p, first)
             if first < length:
-                self._read_lane(b, first, 0, length - first)
+                self._read_lane(b - lo, first, 0, length - first)
         self._block_start = k
 
     def _read_lane(self, b, at, p, count):
-        """xs[b, at:at+count] = ids[p:p+count] and ts one id further, from one contiguous read."""
+        """Buffer row b: xs[b, at:at+count] = ids[p:p+count] and ts one id further, from one contiguous read."""
         run = self._ids[p:p + count + 1]
         self._xs[b, at:at + count] = run[:-1]
         self._ts[b, at:at + count] = run[1:]
@@ -122,6 +131,19 @@ class BPTTStream:
 def describe(state):
     return (f"split {state['split']!r} ({state['tokens']} tokens), batch size {state['batch_size']}, "
             f"time size {state['time_size']}")
+
+
+def check_lanes(lanes, batch_size):
+    """(lo, hi) with 0 <= lo < hi <= batch_size; None means all lanes."""
+    if lanes is None:
+        return (0, batch_size)
+    try:
+        lo, hi = (int(v) for v in lanes)
+    except (TypeError, ValueError):
+        raise DataError(f"lanes must be a pair (lo, hi), not {lanes!r}") from None
+    if not 0 <= lo < hi <= batch_size:
+        raise DataError(f"lanes ({lo}, {hi}) must satisfy 0 <= lo < hi <= batch size {batch_size}")
+    return (lo, hi)
 
 
 def check_positive(what, value):

@@ -2,7 +2,8 @@
 
 The CLI calls `prepare_job` then `Trainer.run`; this module decides defaults and refuses options
 that contradict a checkpoint. With no corpus it trains on the embedded demo (the first 1,000 words
-of Penn Treebank) with the textbook's chapter-5 settings.
+of Penn Treebank) with the textbook's chapter-5 settings. Under `mpiexec` every rank calls it with
+the same options (checked) and gets a trainer over its own lanes of the batch (see parallel.py).
 """
 
 import math
@@ -17,6 +18,7 @@ from ..lock import PathLock
 from ..model import Model, preset_specs
 from .checkpoint import check_writable, load_checkpoint, restore_params, verify_checkpoint
 from .optim import make_optimizer
+from .parallel import world
 from .trainer import TrainConfig, Trainer
 
 # The textbook's chapter-5 run on its 1,000-word sample: SimpleRnnlm D = H = 100, SGD lr 0.1.
@@ -113,14 +115,51 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
     trainers until the Trainer's run ends. `on_note(text)` hears of schedule options a resume changes
     (default: printed to stderr).
     """
+    group = world()
+    group.check_same({**options, "corpus": corpus_path, "specs": specs, "explicit": sorted(explicit),
+                      "backend": backend.name, "dtype": backend.dtype.name, "checkpoint": checkpoint,
+                      "resume": resume})
     lock = None
-    if checkpoint:
-        check_outputs(corpus_path, checkpoint)
-        lock = PathLock(checkpoint).acquire()
-        remove_stale_temps(checkpoint)
     try:
-        trainer, corpus = _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint,
-                                       resume, run_meta, best_path, on_note or _print_note)
+        with group.agreed_errors():  # a problem on any rank is reported once and ends every rank
+            if checkpoint:
+                check_outputs(corpus_path, checkpoint)
+                if group.rank == 0:  # the one writer holds the checkpoint's lock
+                    lock = PathLock(checkpoint).acquire()
+                    remove_stale_temps(checkpoint)
+            corpus = corpus_source(corpus_path)
+            saved = None
+            if resume:
+                if not checkpoint:
+                    raise CheckpointError("--resume needs --checkpoint PATH")
+                saved = verify_checkpoint(load_checkpoint(checkpoint))
+                require_layer_types(saved, registry)
+                check_resume(saved, corpus, specs, options, explicit)
+                specs = saved.meta["specs"]
+                options = {**saved.meta["config"], **{k: v for k, v in options.items() if k in explicit}}
+            defaults = DEMO_DEFAULTS if corpus_path is None else CORPUS_DEFAULTS
+            chosen = {k: v for k, v in options.items() if v is not None}
+            config = TrainConfig(**{**defaults, **chosen})
+            check_train_config(config)
+            train_ids = corpus.split("train")
+            lanes = group.lanes(config.batch_size)
+            stream = BPTTStream(train_ids, config.batch_size, config.time_size, lanes=lanes)
+            if "log_every" not in chosen:
+                config.log_every = min(stream.steps_per_epoch, 100)
+            model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed, first_lane=lanes[0])
+            valid = corpus.split("valid")[:] if "valid" in corpus.splits else None
+            trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
+                              valid_ids=valid if valid is not None and len(valid) > 1 else None,
+                              checkpoint_path=checkpoint, vocab=list(corpus.vocab),
+                              extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
+                              best_path=best_path, group=group)
+            trainer.extra_meta.update({k: saved.meta.get(k, v) if saved else v for k, v in (run_meta or {}).items()})
+            if saved is not None:
+                trainer.restore(saved)
+                for line in schedule_changes(saved, config, explicit) if group.rank == 0 else ():
+                    (on_note or _print_note)(line)
+                if "lr" in explicit and config.lr != saved.meta["config"]["lr"]:
+                    trainer.optimizer.lr = config.lr
     except BaseException:
         if lock is not None:
             lock.release()
@@ -131,43 +170,6 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
 
 def _print_note(text):
     print(text, file=sys.stderr)
-
-
-def _prepare_job(corpus_path, specs, options, explicit, backend, registry, checkpoint, resume, run_meta, best_path,
-                 on_note):
-    corpus = corpus_source(corpus_path)
-    saved = None
-    if resume:
-        if not checkpoint:
-            raise CheckpointError("--resume needs --checkpoint PATH")
-        saved = verify_checkpoint(load_checkpoint(checkpoint))
-        require_layer_types(saved, registry)
-        check_resume(saved, corpus, specs, options, explicit)
-        specs = saved.meta["specs"]
-        options = {**saved.meta["config"], **{k: v for k, v in options.items() if k in explicit}}
-    defaults = DEMO_DEFAULTS if corpus_path is None else CORPUS_DEFAULTS
-    chosen = {k: v for k, v in options.items() if v is not None}
-    config = TrainConfig(**{**defaults, **chosen})
-    check_train_config(config)
-    train_ids = corpus.split("train")
-    stream = BPTTStream(train_ids, config.batch_size, config.time_size)
-    if "log_every" not in chosen:
-        config.log_every = min(stream.steps_per_epoch, 100)
-    model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed)
-    valid = corpus.split("valid")[:] if "valid" in corpus.splits else None
-    trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
-                      valid_ids=valid if valid is not None and len(valid) > 1 else None,
-                      checkpoint_path=checkpoint, vocab=list(corpus.vocab),
-                      extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
-                      best_path=best_path)
-    trainer.extra_meta.update({k: saved.meta.get(k, v) if saved else v for k, v in (run_meta or {}).items()})
-    if saved is not None:
-        trainer.restore(saved)
-        for line in schedule_changes(saved, config, explicit):
-            on_note(line)
-        if "lr" in explicit and config.lr != saved.meta["config"]["lr"]:
-            trainer.optimizer.lr = config.lr
-    return trainer, corpus
 
 
 def schedule_changes(saved, config, explicit):

@@ -29,13 +29,17 @@ def utc_now():
 class MetricsLog:
     """Writes one run's records to `path` as JSON lines, and keeps them in `records`.
 
-    A new run refuses a file that exists (each run has its own); a resumed run appends to it.
+    A new run refuses a file that exists (each run has its own); a resumed run appends to it. With
+    `write` False (every rank but the first of a data-parallel job) it keeps the records only.
     """
 
-    def __init__(self, path, header, resume=False):
+    def __init__(self, path, header, resume=False, write=True):
         self.path = Path(path)
         self.run_id = header["run_id"]
         self.records = []
+        self.write = write
+        if not write:
+            return
         if not self.path.parent.is_dir():
             raise GpurnnError(f"cannot write metrics to {self.path}: folder {self.path.parent} does not exist")
         if self.path.exists() and not resume:
@@ -44,6 +48,8 @@ class MetricsLog:
         self._write({"kind": "header", "time": utc_now(), **header})
 
     def _write(self, record):
+        if not self.write:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(jsontext.dumps(record) + "\n")

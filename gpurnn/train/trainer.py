@@ -29,6 +29,7 @@ from ..errors import CheckpointError, GpurnnError
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity, perplexity_of_loss
 from .graph import CapturedStep
+from .parallel import Group
 
 
 class TrainingDiverged(GpurnnError):
@@ -81,12 +82,17 @@ class Trainer:
     called after every iteration with the loss still on the device, and on_eval(done, total) after
     each validation batch, for progress bars; on_notice(message) receives one-off notices. With
     `best_path`, the checkpoint of the best validation perplexity so far is also written there.
+
+    Data parallel: `group` (parallel.Group) is this rank's place among R ranks, each training on the
+    stream's `lanes`; the gradients are summed over the ranks after backward, and rank 0 alone logs,
+    evaluates and writes checkpoints. Without a group the trainer is one process.
     """
 
     def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
                  vocab=(), extra_meta=None, on_log=None, on_step=None, on_eval=None, on_notice=None,
-                 best_path=None):
+                 best_path=None, group=None):
         self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
+        self.group = group or Group()
         self.valid_ids = valid_ids
         self.checkpoint_path = checkpoint_path
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
@@ -142,6 +148,8 @@ class Trainer:
             self.lock.release()
 
     def _request_stop(self, signum, frame):
+        if self.group.size > 1:  # many ranks cannot agree on where to stop: stop at once
+            raise KeyboardInterrupt
         if not self._stop_requested:  # stop after this iteration, with a checkpoint
             self._stop_requested, self._stop_signal = True, signum
         elif self._saving:  # a second signal: stop as soon as the save in progress is complete
@@ -194,7 +202,8 @@ class Trainer:
         """The device work of a step, the part a CUDA graph captures."""
         model = self.model
         loss = model.forward(xs, ts)
-        model.backward()
+        model.backward(self.group.loss_share)  # this rank's share of the global mean loss
+        self.group.reduce_gradients(model.flat_grads)
         self.optimizer.update(model.flat_params, model.flat_grads, self.config.clip)
         return loss
 
@@ -202,6 +211,7 @@ class Trainer:
         """Read the window's losses back (the only host sync), check them, report, maybe evaluate."""
         backend = self.model.backend
         losses = backend.to_host(backend.xp.stack(self._window)).astype(float)
+        losses = self.group.sum(losses * self.group.loss_share)  # the global batch's mean losses
         first = self.iteration - len(losses) + 1
         bad = [first + k for k, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
@@ -212,8 +222,8 @@ class Trainer:
                   "lr": self.optimizer.lr, "train_perplexity": perplexity_of_loss(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
-            valid, _ = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
-                                  progress=self.on_eval)
+            valid = self.group.from_root(lambda: perplexity(self.model, self.valid_ids, self.config.eval_batch_size,
+                                                            self.config.time_size, progress=self.on_eval)[0])
             if self.graph is not None:
                 self.graph.reset()
             record["valid_perplexity"] = valid
@@ -222,7 +232,8 @@ class Trainer:
             # the end of a run must not change the course of a run resumed from there.
             if scheduled and self._plateau(valid) and self.best_path:
                 self.save(self.best_path)
-        self.on_log(record)
+        if self.group.rank == 0:
+            self.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
 
@@ -247,6 +258,7 @@ class Trainer:
         """Write everything needed to resume to `path` or the checkpoint path (if any), atomically.
 
         Refuses (TrainingDiverged) to write non-finite parameters, leaving the last good checkpoint.
+        With many ranks, every lane's state is gathered to rank 0, which alone writes the file.
         """
         path = path or self.checkpoint_path
         if not path:
@@ -266,6 +278,10 @@ class Trainer:
         if bad:
             raise TrainingDiverged(f"parameter {bad[0]} became non-finite by iteration {self.iteration}: "
                                    f"not saved{self._kept()}")
+        state = self.group.gather_lanes({k: backend.to_host(v) for k, v in self.model.get_state().items()})
+        if self.group.rank != 0:
+            self.saved_iteration = self.iteration
+            return
         opt_state = self.optimizer.state_dict(self.model)
         arrays = {k: backend.to_host(v) for k, v in opt_state.items() if not isinstance(v, (int, float))}
         scalars = {k: v for k, v in opt_state.items() if isinstance(v, (int, float))}
@@ -282,9 +298,7 @@ class Trainer:
             "backend": backend.name,
         }
         try:
-            save_checkpoint(path, params=params,
-                            optimizer_arrays=arrays,
-                            state={k: backend.to_host(v) for k, v in self.model.get_state().items()},
+            save_checkpoint(path, params=params, optimizer_arrays=arrays, state=state,
                             vocab=self.vocab, meta=meta, layouts=self.model.param_layouts())
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._kept()}") from None
@@ -297,7 +311,8 @@ class Trainer:
         restore_params(model.params, checkpoint, backend)
         self.optimizer.load_state_dict({**meta["optimizer_scalars"], **checkpoint.optimizer_arrays}, model)
         self.optimizer.lr = meta["trainer"]["lr"]
-        model.set_state({k: backend.asarray(v) for k, v in checkpoint.state.items()})
+        lo, hi = self.stream.lanes  # the saved state holds every lane of the global batch
+        model.set_state({k: backend.asarray(v[lo:hi]) for k, v in checkpoint.state.items()})
         self.stream.load_state_dict(meta["stream"])
         self.iteration = meta["trainer"]["iteration"]
         self.best_valid = _from_json_float(meta["trainer"]["best_valid"])

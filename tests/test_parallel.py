@@ -1,0 +1,294 @@
+"""Data-parallel training: 2 ranks under mpiexec equal one process; resume across rank counts; faults.
+
+The MPI tests start `mpiexec -n 2` (mpi4py and MPICH from the `mpi` extra) and skip, saying why, where
+either is missing; CI installs the extra so they run there.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpurnn.train import parallel
+from gpurnn.train.checkpoint import load_checkpoint
+from tests.conftest import requires_gpu, write_small_corpus
+
+TESTS = Path(__file__).parent
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+try:
+    import mpi4py  # noqa: F401
+    WHY_NOT = None if MPIEXEC else "no mpiexec on PATH (pip install 'gpurnn[mpi]')"
+except ImportError:
+    WHY_NOT = "mpi4py is not installed (pip install 'gpurnn[mpi]')"
+needs_mpi = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
+# One BLAS thread per rank: two ranks share this machine's two cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TRAIN = ("--backend", "numpy", "train")
+TINY = ("--model", "rnnlm", "--wordvec-size", "16", "--hidden-size", "16", "--batch-size", "4",
+        "--time-size", "5", "--lr", "1.0", "--clip", "0.25")
+
+
+def gpurnn(*args):
+    return [sys.executable, "-m", "gpurnn", *map(str, args)]
+
+
+def mpirun(ranks, command, timeout=120):
+    return subprocess.run([MPIEXEC, "-n", str(ranks), *command], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def relative_error(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-300))
+
+
+def max_relative_error(path_a, path_b):
+    """The largest relative difference over the parameters and carried states of two checkpoints."""
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a.params.keys() == b.params.keys() and a.state.keys() == b.state.keys()
+    assert a.meta["stream"] == b.meta["stream"] and a.meta["trainer"]["iteration"] == b.meta["trainer"]["iteration"]
+    return max(relative_error(x[k], y[k]) for x, y in ((a.params, b.params), (a.state, b.state)) for k in x)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train64(ranks, corpus, checkpoint, iters, resume=False):
+    """tests/mpi_train.py (float64) on `ranks` ranks (1: a plain process); the ranks' parameter digests."""
+    command = [sys.executable, str(TESTS / "mpi_train.py"), str(corpus), str(checkpoint), str(iters)]
+    command += ["--resume"] if resume else []
+    done = mpirun(ranks, command) if ranks > 1 else subprocess.run(command, capture_output=True, text=True,
+                                                                   timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr
+    return sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("rank "))
+
+
+@pytest.fixture(scope="module")
+def single64(corpus, tmp_path_factory):
+    """The single-process float64 run of 50 iterations: the reference the ranks must equal."""
+    path = tmp_path_factory.mktemp("single") / "one.h5"
+    train64(1, corpus, path, 50)
+    return path
+
+
+# -- without MPI ------------------------------------------------------------------------------------
+
+def test_importing_gpurnn_never_imports_mpi4py():
+    code = "import sys, gpurnn.cli, gpurnn.train.job; print('mpi4py' in sys.modules, 'mpi4py.MPI' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_one_process_is_one_rank_whose_collectives_return_their_input():
+    group = parallel.Group()
+    losses = np.array([1.5, 2.5])
+    assert (group.rank, group.size, group.lanes(7), group.loss_share) == (0, 1, (0, 7), 1.0)
+    assert group.sum(losses) is losses and group.from_root(lambda: 3.0) == 3.0
+    flat = np.arange(6.0)
+    group.reduce_gradients(flat)
+    np.testing.assert_array_equal(flat, np.arange(6.0))
+
+
+@pytest.mark.parametrize("rank_variable, rank, shown", [("PMI_RANK", "0", True), ("PMI_RANK", "1", False)])
+def test_mpi_launch_without_mpi4py_exits_2_with_one_line_from_rank_0(rank_variable, rank, shown):
+    """Started by a launcher (PMI_SIZE set) where mpi4py cannot be imported: exit 2, rank 0 says why."""
+    code = "import sys; sys.modules['mpi4py'] = None; from gpurnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**ENV, "PMI_SIZE": "2", rank_variable: rank}
+    done = subprocess.run([sys.executable, "-c", code, *TRAIN, "--max-iters", "1"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines == (["gpurnn: error: started by an MPI launcher (2 ranks) but mpi4py is not installed: "
+                      "pip install 'gpurnn[mpi]'"] if shown else [])
+
+
+@pytest.mark.parametrize("local, visible, chosen", [("1", None, "1"), ("1", "4,6", "6"), ("0", "3", "3")])
+def test_each_rank_on_a_node_sees_its_own_gpu(monkeypatch, local, visible, chosen):
+    monkeypatch.setenv("MPI_LOCALRANKID", local)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    parallel.pick_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == chosen
+
+
+# -- two ranks equal one process ----------------------------------------------------------------------
+
+@needs_mpi
+def test_two_ranks_equal_one_process_in_float64_and_hold_identical_parameters(corpus, single64, tmp_path):
+    digests = train64(2, corpus, tmp_path / "two.h5", 50)
+    assert [rank for rank, _, _ in digests] == ["0", "1"] and digests[0][2] == digests[1][2]
+    assert max_relative_error(single64, tmp_path / "two.h5") < 1e-12
+
+
+@needs_mpi
+def test_two_ranks_equal_one_process_from_the_cli_in_float32_with_the_same_eval_perplexity(corpus, tmp_path):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    common = [*TRAIN, corpus, *TINY, "--max-iters", "50", "--eval-every", "25", "--quiet"]
+    single = subprocess.run(gpurnn(*common, "--checkpoint", one, "--metrics", tmp_path / "one.jsonl"),
+                            capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr
+    both = mpirun(2, gpurnn(*common, "--checkpoint", two, "--metrics", tmp_path / "two.jsonl"))
+    assert both.returncode == 0, both.stderr
+    summaries = [done.stdout.splitlines() for done in (single, both)]
+    assert len(summaries[1]) == len(summaries[0])  # printed by rank 0 alone, with the same figures
+    figures = [dict(zip(line[0].split()[::2], map(float, line[0].split()[1::2]))) for line in summaries]
+    assert figures[0].keys() == figures[1].keys()
+    assert all(abs(figures[0][k] - figures[1][k]) <= 1e-4 * figures[0][k] for k in figures[0])
+    logs = [[r for r in map(json.loads, open(tmp_path / f"{name}.jsonl")) if r.get("kind") != "header"]
+            for name in ("one", "two")]
+    assert [r["iteration"] for r in logs[1]] == [r["iteration"] for r in logs[0]]  # rank 0 alone logs
+    for key in ("train_perplexity", "valid_perplexity"):
+        pairs = [(a[key], b[key]) for a, b in zip(*logs) if key in a]
+        assert pairs and all(abs(a - b) < 1e-4 * a for a, b in pairs)
+    assert max_relative_error(one, two) < 1e-4
+    scores = []
+    for path in (one, two):
+        done = subprocess.run(gpurnn("--backend", "numpy", "eval", path, corpus, "--json"), capture_output=True,
+                              text=True, env=ENV)
+        scores.append(json.loads(done.stdout)["perplexity"])
+    assert abs(scores[0] - scores[1]) < 1e-4 * scores[0]
+
+
+@needs_mpi
+def test_resume_from_two_ranks_on_one_and_back_continues_the_same_run(corpus, single64, tmp_path):
+    ck = tmp_path / "ck.h5"
+    train64(2, corpus, ck, 20)
+    assert load_checkpoint(ck).state["lstm.h"].shape == (4, 16)  # every lane's state, gathered
+    train64(1, corpus, ck, 35, resume=True)
+    train64(2, corpus, ck, 50, resume=True)
+    assert max_relative_error(single64, ck) < 1e-12
+
+
+@needs_mpi
+@requires_gpu
+@pytest.mark.gpu
+def test_one_rank_with_nccl_trains_as_one_process_without_mpi(corpus, tmp_path):
+    """On a GPU: `mpiexec -n 1` all-reduces through NCCL (one device cannot host two NCCL ranks)."""
+    common = ["--backend", "cupy", "train", corpus, *TINY, "--max-iters", "20", "--quiet"]
+    alone = subprocess.run(gpurnn(*common, "--checkpoint", tmp_path / "one.h5"), capture_output=True,
+                           text=True, env=ENV)
+    assert alone.returncode == 0, alone.stderr
+    nccl = mpirun(1, gpurnn(*common, "--checkpoint", tmp_path / "nccl.h5"))
+    assert nccl.returncode == 0, nccl.stderr
+    assert max_relative_error(tmp_path / "one.h5", tmp_path / "nccl.h5") < 1e-4
+
+
+# -- refusals and faults -------------------------------------------------------------------------------
+
+@needs_mpi
+def test_a_batch_the_ranks_cannot_split_exits_2_with_one_line(corpus):
+    done = mpirun(2, gpurnn(*TRAIN, corpus, "--batch-size", "3", "--max-iters", "2"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["gpurnn: error: --batch-size 3 cannot be split over 2 ranks: "
+                                        "choose a multiple of 2"]
+
+
+@needs_mpi
+def test_ranks_given_different_options_are_refused(corpus):
+    base = [*TRAIN, corpus, "--batch-size", "4", "--max-iters", "2"]
+    done = subprocess.run([MPIEXEC, "-n", "1", *gpurnn(*base, "--lr", "0.1"), ":",
+                           "-n", "1", *gpurnn(*base, "--lr", "0.2")],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["gpurnn: error: rank 1 was started with other options than rank 0 "
+                                        "(lr): give every rank the same command"]
+
+
+def start_long_run(corpus, checkpoint):
+    """A two-rank run that saves every 5 iterations and would go on for a long time."""
+    command = [MPIEXEC, "-n", "2", *gpurnn(*TRAIN, corpus, *TINY, "--max-iters", "1000000", "--save-every", "5",
+                                           "--checkpoint", checkpoint, "--quiet")]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                           start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.1)
+    return job
+
+
+def rank_pid(job, rank):
+    """The process id of `rank` among the job's processes (found through /proc: descendants, environment)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    for pid in parents:
+        ancestor = pid
+        while ancestor in parents and ancestor != job.pid:
+            ancestor = parents[ancestor]
+        try:
+            if ancestor == job.pid and f"PMI_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no process of rank {rank}")
+
+
+def finished_within(job, seconds):
+    try:
+        out, err = job.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)  # the session start_long_run began
+        job.communicate()
+        raise AssertionError(f"the job still ran {seconds} s after the fault") from None
+    return job.returncode, out + err
+
+
+def resumes(corpus, checkpoint):
+    """The checkpoint loads and a single process continues from it for 5 more iterations."""
+    iteration = load_checkpoint(checkpoint).meta["trainer"]["iteration"]
+    done = subprocess.run(gpurnn(*TRAIN, corpus, "--checkpoint", checkpoint, "--resume", "--max-iters",
+                                 iteration + 5, "--quiet"), capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(checkpoint).meta["trainer"]["iteration"] == iteration + 5
+
+
+@needs_mpi
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_resumes(corpus, tmp_path):
+    checkpoint = tmp_path / "ck.h5"
+    job = start_long_run(corpus, checkpoint)
+    os.kill(rank_pid(job, 1), signal.SIGKILL)
+    code, output = finished_within(job, 30)
+    assert code != 0 and "Killed (signal 9)" in output  # the launcher names the dead rank's signal
+    resumes(corpus, checkpoint)
+
+
+@needs_mpi
+def test_an_error_on_one_rank_aborts_every_rank_with_its_message(corpus, tmp_path):
+    """Rank 0 alone writes checkpoints: when it cannot, it says so and MPI_Abort ends rank 1 too."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    job = start_long_run(corpus, folder / "ck.h5")
+    folder.rename(tmp_path / "moved")
+    code, output = finished_within(job, 30)
+    assert code != 0
+    message = next(line for line in output.splitlines() if line.startswith("gpurnn: error: rank 0 of 2: "))
+    assert str(folder) in message and "Traceback" not in output  # one line naming the missing folder
+    resumes(corpus, tmp_path / "moved" / "ck.h5")
+
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_at_once_and_the_last_checkpoint_resumes(corpus, tmp_path):
+    checkpoint = tmp_path / "ck.h5"
+    job = start_long_run(corpus, checkpoint)
+    job.send_signal(signal.SIGINT)  # to mpiexec, which passes it on to the ranks
+    code, output = finished_within(job, 30)
+    assert code == 130  # each rank says so, unless the first to abort ends the other before it does
+    assert re.search(r"gpurnn: error: rank [01] of 2: interrupted; resume from the last saved checkpoint", output)
+    resumes(corpus, checkpoint)
