@@ -32,8 +32,9 @@ _POOL = None
 _POOL_LOCK = threading.Lock()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_threads():
-    """CPUs this process may run on."""
+    """CPUs this process may run on (read once)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -77,33 +78,54 @@ def for_row_blocks(array, fn, block=ROW_BLOCK):
 # A time step's GEMM has only B rows (20 for PTB): OpenBLAS threads it poorly, so above this many
 # multiply-adds the step's columns are split over the pool with BLAS on one thread (`step_matmul`).
 MIN_SPLIT_MULTIPLY_ADDS = 1 << 22
-_BLAS_CONTROLLER = None
+# Below this many multiply-adds per training step (parameters x rows) every GEMM of the step is too
+# small for OpenBLAS's threads to pay for waking up: the demo's step runs faster on one thread.
+MIN_THREADED_STEP = 1 << 26
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 @contextlib.contextmanager
-def recurrent_loop(xp):
-    """The context of a recurrent layer's time loop: on NumPy with several cores, BLAS runs on the
-    calling thread only (threadpoolctl), so `step_matmul` can split each step's product itself."""
-    global _BLAS_CONTROLLER
-    if xp is not np or cpu_threads() == 1:
+def _blas_on_one_thread(wanted):
+    """BLAS on the calling thread only, within the block, if `wanted` (threadpoolctl)."""
+    if not wanted:
         yield
         return
-    if _BLAS_CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS_CONTROLLER = ThreadpoolController()
-    with _BLAS_CONTROLLER.limit(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
+
+
+def training_threads(xp, multiply_adds):
+    """The context of a training loop whose step does `multiply_adds` multiply-adds: on NumPy with
+    several cores and a small step, BLAS on one thread; otherwise BLAS as it is."""
+    return _blas_on_one_thread(xp is np and cpu_threads() > 1 and multiply_adds < MIN_THREADED_STEP)
+
+
+def recurrent_loop(h, W):
+    """The context of a recurrent layer's time loop over steps h @ W: on NumPy with several cores
+    and a step large enough to split, BLAS runs on the calling thread only, so `step_matmul` can
+    split each step's product itself."""
+    return _blas_on_one_thread(_splits(h, W))
+
+
+def _splits(a, b):
+    """Whether the step product a @ b is split over the pool: NumPy, several cores, large enough."""
+    return (array_module(a) is np and cpu_threads() > 1
+            and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_SPLIT_MULTIPLY_ADDS)
 
 
 def step_matmul(a, b, out):
     """out = a @ b for one time step (a has few rows). Inside `recurrent_loop` on NumPy, a large
     enough product is split by columns over the pool, one share per core; otherwise one matmul."""
-    xp = array_module(a)
+    if not _splits(a, b):
+        return array_module(a).matmul(a, b, out=out)
     threads = cpu_threads()
     n = b.shape[1]
-    if xp is not np or threads == 1 or a.shape[0] * a.shape[1] * n < MIN_SPLIT_MULTIPLY_ADDS:
-        return xp.matmul(a, b, out=out)
     step = -(-n // threads)
     shares = [_pool(threads).submit(np.matmul, a, b[:, lo:lo + step], out=out[:, lo:lo + step])
               for lo in range(0, n, step)]

@@ -39,7 +39,7 @@ class TimeGRU(RecurrentLayer):
         recurrent = xp.empty_like(gates)  # h_{t-1} Wh (+ bhn for n): backward needs n's part
         hs = xp.empty((gates.shape[0],) + h0.shape, xs.dtype)
         h = h0
-        with recurrent_loop(xp):
+        with recurrent_loop(h0, Wh):
             for t in range(gates.shape[0]):
                 step_matmul(h, Wh, recurrent[t])
                 h = gru_cell(gates[t], recurrent[t], self.params["bhn"], h, hs[t])
@@ -60,7 +60,7 @@ class TimeGRU(RecurrentLayer):
         T = gates.shape[0]
         d_in, d_hid = xp.empty_like(gates), xp.empty_like(gates)
         dh, rec = xp.empty_like(h0), xp.empty_like(h0)
-        with recurrent_loop(xp):
+        with recurrent_loop(d_hid[0], Wh_T):
             for t in range(T - 1, -1, -1):
                 last = t == T - 1
                 if not last:  # what flows back from step t + 1

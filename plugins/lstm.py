@@ -30,7 +30,7 @@ class TimeLSTM(RecurrentLayer):
         hs, cs = xp.empty((2, gates.shape[0]) + h0.shape, xs.dtype)
         recurrent = xp.empty_like(gates[0])
         h, c = h0, c0
-        with recurrent_loop(xp):
+        with recurrent_loop(h0, Wh):
             for t in range(gates.shape[0]):
                 step_matmul(h, Wh, recurrent)
                 h = lstm_cell(gates[t], recurrent, c, cs[t], hs[t])
@@ -58,7 +58,7 @@ class TimeLSTM(RecurrentLayer):
         dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2))
         dc = xp.zeros_like(h0)
         rec = xp.empty_like(h0)
-        with recurrent_loop(xp):
+        with recurrent_loop(das[0], Wh_T):
             for t in range(T - 1, -1, -1):
                 last = t == T - 1
                 if not last:  # what flows back from step t + 1

@@ -20,7 +20,7 @@ class TimeRNN(RecurrentLayer):
         (h0,) = self.initial_state(xs.shape[0], xs.dtype)
         recurrent = xp.empty_like(h0)
         h = h0
-        with recurrent_loop(xp):
+        with recurrent_loop(h0, Wh):
             for t in range(hs.shape[0]):
                 step_matmul(h, Wh, recurrent)
                 h = rnn_cell(hs[t], recurrent)
@@ -36,7 +36,7 @@ class TimeRNN(RecurrentLayer):
         dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2))
         dts = xp.empty_like(hs)
         rec = xp.empty_like(h0)
-        with recurrent_loop(xp):
+        with recurrent_loop(h0, Wh_T):
             for t in range(hs.shape[0] - 1, -1, -1):
                 if t < hs.shape[0] - 1:  # what flows back from step t + 1
                     step_matmul(dts[t + 1], Wh_T, rec)

@@ -80,7 +80,8 @@ def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True):
         trainer.iteration += 1
 
     model.train()
-    train = timed(train_step, data, warmup, backend.synchronize)
+    with trainer.threads():
+        train = timed(train_step, data, warmup, backend.synchronize)
     model.eval()
     device = [(backend.asarray(x), backend.asarray(t)) for x, t in data]
     evaluate = timed(model.forward, device, warmup, backend.synchronize)

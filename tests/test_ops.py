@@ -143,7 +143,7 @@ def test_a_split_step_matmul_equals_one_matmul(monkeypatch):
     a = RNG.standard_normal((20, 650)).astype(np.float32)
     b = RNG.standard_normal((650, 2600)).astype(np.float32)
     out = np.empty((20, 2600), np.float32)
-    with ops.recurrent_loop(np):
+    with ops.recurrent_loop(a, b):
         ops.step_matmul(a, b, out)
     np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-4)
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CheckpointError, GpurnnError
+from ..ops import training_threads
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity, perplexity_of_loss
 from .graph import CapturedStep
@@ -126,7 +127,7 @@ class Trainer:
         interrupted = False
         try:
             try:
-                with np.errstate(over="ignore", invalid="ignore"):  # caught as a non-finite loss instead
+                with np.errstate(over="ignore", invalid="ignore"), self.threads():  # non-finite: caught later
                     self._loop()
             except Interrupted as exc:
                 # The checkpoint is saved and the process is ending: another stop signal is ignored, so
@@ -142,6 +143,11 @@ class Trainer:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
             self.release_lock()
+
+    def threads(self):
+        """The context to run steps in: on the CPU, BLAS on one thread when the step is small."""
+        rows = self.config.batch_size // self.group.size * self.config.time_size
+        return training_threads(self.model.backend.xp, self.model.flat_params.size * rows)
 
     def release_lock(self):
         if self.lock is not None:
