@@ -7,8 +7,8 @@ plugin registry -> forward/backward -> optimizer. Importing gpurnn never imports
 import os
 
 # OpenBLAS's idle threads spin for a long while after each GEMM and take the cores from the row-parallel
-# softmax that follows (small-rnn training: 66.8 -> 54.7 ms/step with it). OpenBLAS reads this when numpy
-# loads it, so it acts when gpurnn is imported first (as by the gpurnn command); a value already set wins.
+# softmax that follows. OpenBLAS reads this when numpy loads it, so it acts when gpurnn is imported first
+# (as by the gpurnn command); a value already set wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .backend import Backend, get_backend  # noqa: E402
