@@ -338,8 +338,9 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
     job = {"specs": model_specs(model, model_config, **preset_options), "options": options, "explicit": explicit,
            "backend": backend_from(ctx), "registry": registry_from(ctx), "resume": resume,
            "run_meta": {"run_id": run_id, "model_name": model_name}}
-    with run_folder(run_dir, checkpoint, run_id) as checkpoint:
-        check_outputs(corpus, checkpoint, metrics or sibling(checkpoint, ".metrics.jsonl"), plot, model_config)
+    with run_folder(run_dir, checkpoint, run_id, owner=group.rank == 0) as checkpoint:
+        if group.rank == 0:  # the one writer of the run's files
+            check_outputs(corpus, checkpoint, metrics or sibling(checkpoint, ".metrics.jsonl"), plot, model_config)
         trainer, _ = prepare_job(corpus, checkpoint=checkpoint, **job,
                                  best_path=sibling(checkpoint, ".best.h5") if keep_best else None)
         try:
@@ -361,15 +362,19 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
 
 
 @contextmanager
-def run_folder(run_dir, checkpoint, run_id):
+def run_folder(run_dir, checkpoint, run_id, owner=True):
     """The checkpoint path: CHECKPOINT, or RUN_DIR (default runs/RUN_ID, created)/checkpoint.h5.
 
-    A run folder made here is removed again if the job fails to start and left it empty.
+    A run folder made here is removed again if the job fails to start and left it empty. Only the
+    `owner` (rank 0 of a data-parallel job) makes or removes it.
     """
     if checkpoint:
         yield Path(checkpoint)
         return
     run_dir = Path(run_dir or Path("runs") / run_id)
+    if not owner:
+        yield run_dir / "checkpoint.h5"
+        return
     made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -264,7 +264,9 @@ def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_resumes(co
     job = start_long_run(corpus, checkpoint)
     os.kill(rank_pid(job, 1), signal.SIGKILL)
     code, output = finished_within(job, 30)
-    assert code != 0 and "Killed (signal 9)" in output  # the launcher names the dead rank's signal
+    assert code != 0
+    # the launcher names the dead rank's signal, or rank 0 says its peer is gone (whichever comes first)
+    assert "Killed (signal 9)" in output or "another rank stopped (it failed or was killed)" in output, output
     resumes(corpus, checkpoint)
 
 

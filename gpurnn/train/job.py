@@ -122,11 +122,10 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
     lock = None
     try:
         with group.agreed_errors():  # a problem on any rank is reported once and ends every rank
-            if checkpoint:
+            if checkpoint and group.rank == 0:  # the one writer checks and locks the checkpoint path
                 check_outputs(corpus_path, checkpoint)
-                if group.rank == 0:  # the one writer holds the checkpoint's lock
-                    lock = PathLock(checkpoint).acquire()
-                    remove_stale_temps(checkpoint)
+                lock = PathLock(checkpoint).acquire()
+                remove_stale_temps(checkpoint)
             corpus = corpus_source(corpus_path)
             saved = None
             if resume:

@@ -147,8 +147,14 @@ class Group:
 
     def end_job(self, exc):
         """Report `exc` (this rank's failure) and end every rank now: nobody waits for a dead peer."""
+        from mpi4py import MPI
+
         if isinstance(exc, KeyboardInterrupt):
             message, code = "interrupted; resume from the last saved checkpoint", 130
+        elif isinstance(exc, MPI.Exception):  # a collective failed: a peer died or was killed
+            message = (f"another rank stopped (it failed or was killed): {str(exc).splitlines()[0]}; "
+                       f"resume from the last saved checkpoint")
+            code = 1
         elif isinstance(exc, (GpurnnError, OSError)):  # the user's to fix: one line, no traceback
             message, code = str(exc), 2
         else:
