@@ -7,8 +7,12 @@ remembering why. Nothing here imports CuPy until a backend asks for it. What an 
 differently on each backend lives in `gpurnn.ops`.
 """
 
+import ctypes
+import importlib.util
 import os
 import platform
+import sys
+
 import numpy as np
 
 from .errors import BackendError
@@ -17,8 +21,26 @@ BACKEND_NAMES = ("numpy", "cupy", "auto")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
+def cuda_driver_problem():
+    """Why the CUDA driver library cannot be loaded (Linux), or None. Much cheaper than importing
+    CuPy, which a machine without a GPU would otherwise do on every `auto` start."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        return f"no usable CUDA driver (libcuda.so.1 cannot be loaded: {exc})"
+    return None
+
+
 def probe_cupy():
     """Return (cupy_module, None) when CuPy can really run a kernel here, else (None, reason)."""
+    if "cupy" not in sys.modules:  # not imported yet: the cheap checks first
+        if importlib.util.find_spec("cupy") is None:
+            return None, "CuPy is not installed; install gpurnn[cuda12] or gpurnn[cuda13]"
+        problem = cuda_driver_problem()
+        if problem:
+            return None, problem
     try:
         import cupy
     except ImportError as exc:
