@@ -496,7 +496,7 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
 @click.pass_context
 def generate(ctx, checkpoint, prompt, length, num_samples, temperature, greedy, top_k, stop_at_eos, seed, output):
     """Sample text from a trained CHECKPOINT; several samples are separated by a blank line."""
-    from .atomic import atomic_path
+    from .atomic import write_bytes_atomically
     from .data import Vocab
     from .train.checkpoint import load_checkpoint
     from .train.generate import generate_texts
@@ -511,8 +511,7 @@ def generate(ctx, checkpoint, prompt, length, num_samples, temperature, greedy, 
         click.echo(text, nl=False)
         return
     try:
-        with atomic_path(output) as tmp:
-            Path(tmp).write_text(text, encoding="utf-8")
+        write_bytes_atomically(output, text.encode("utf-8"))
     except OSError as exc:
         raise GpurnnError(f"cannot write {output}: {exc.strerror}") from None
     click.echo(f"{len(texts)} sample(s) written to {output}", err=True)
