@@ -517,6 +517,30 @@ def generate(ctx, checkpoint, prompt, length, num_samples, temperature, greedy, 
     click.echo(f"{len(texts)} sample(s) written to {output}", err=True)
 
 
+@cli.command(cls=SectionCommand)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@runtime_options
+def strip(checkpoint, output):
+    """Copy CHECKPOINT to OUTPUT without its optimizer state, for eval, generate and shipping.
+
+    Adam's moments make a checkpoint three times the size of its weights. OUTPUT scores and samples
+    exactly as CHECKPOINT does, but cannot resume training.
+    """
+    from .train.checkpoint import strip_checkpoint
+
+    strip_checkpoint(checkpoint, output)
+    before, after = (Path(path).stat().st_size for path in (checkpoint, output))
+    click.echo(f"wrote {output} without optimizer state: {size_text(before)} -> {size_text(after)}")
+
+
+def size_text(size):
+    """A file size in binary units and in bytes ("3.6 MiB (3,771,234 bytes)"); below 1 KiB bytes alone."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    power = min(max(size.bit_length() - 1, 0) // 10, len(units) - 1)
+    return f"{size:,} bytes" if power == 0 else f"{size / 1024 ** power:.1f} {units[power]} ({size:,} bytes)"
+
+
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     try:

@@ -94,7 +94,7 @@ def test_backend_and_plugin_on_every_subcommand(capsys, tmp_path):
     assert code == 0 and "scaled_tanh" in {r["type"] for r in json.loads(out)}
     code, out, _ = run(capsys, "--backend", "cupy", "info", "--backend", "numpy", "--json")
     assert code == 0 and json.loads(out)["backend"] == "numpy"  # the subcommand's wins
-    for command in ("prepare", "corpus-info", "train", "eval", "generate"):
+    for command in ("prepare", "corpus-info", "train", "eval", "generate", "strip"):
         code, out, _ = run(capsys, command, "-h")
         assert code == 0 and "--backend [numpy|cupy|auto]" in out and "--plugin MODULE" in out
 

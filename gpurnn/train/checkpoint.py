@@ -5,6 +5,7 @@ dataset per array, /vocab the vocabulary, and a JSON `meta` attribute the model 
 counters and stream state. Each parameter dataset says what its axes mean in attributes, so the file
 can be read without gpurnn. The file is written under a temporary name in the same folder and
 renamed, so a checkpoint on disk is never half-written. Format 1 files (no layout attributes) load too.
+`strip_checkpoint` copies one without its optimizer state, for evaluation, generation and shipping.
 
 Integrity: every dataset carries HDF5's Fletcher-32 checksum, the file's own structure is checksummed
 (HDF5's 1.10+ format), and a SHA-256 of the `meta` JSON and the vocabulary is stored and checked at
@@ -21,8 +22,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path, check_output_path, os_error_cause
+from ..atomic import atomic_path, check_not_inputs, check_output_path, os_error_cause
 from ..errors import CheckpointError, GpurnnError
+from ..lock import PathLock
 
 FORMAT = "gpurnn-checkpoint"
 FORMAT_VERSION = 2
@@ -31,6 +33,7 @@ DIGEST_ATTR = "sha256"  # of the meta JSON and the vocabulary, see `content_dige
 REQUIRED_META = {"specs": list, "vocab_size": int, "config": dict, "trainer": dict,
                  "optimizer_scalars": dict, "stream": dict}
 REQUIRED_TRAINER = {"iteration": int, "lr": (int, float), "best_valid": (int, float, type(None))}
+STRIPPED = "stripped"  # meta key: true in a checkpoint written without its optimizer state
 
 
 def check_writable(path):
@@ -112,11 +115,12 @@ def write_layouts(group, layouts):
 
 
 class Checkpoint:
-    """A loaded checkpoint: `params`, `optimizer_arrays`, `state` (host arrays), `vocab`, `meta`."""
+    """A loaded checkpoint: `params`, `optimizer_arrays`, `state` (host arrays), `vocab`, `meta`, and
+    `layouts` (each parameter's layout attributes, empty in format 1)."""
 
-    def __init__(self, path, params, optimizer_arrays, state, vocab, meta):
+    def __init__(self, path, params, optimizer_arrays, state, vocab, meta, layouts):
         self.path, self.params, self.optimizer_arrays = path, params, optimizer_arrays
-        self.state, self.vocab, self.meta = state, vocab, meta
+        self.state, self.vocab, self.meta, self.layouts = state, vocab, meta, layouts
 
 
 def load_checkpoint(path):
@@ -134,6 +138,7 @@ def load_checkpoint(path):
                                       f"{FORMAT_VERSION}: upgrade gpurnn")
             meta_json = f.attrs["meta"]
             groups = [{k: v[()] for k, v in f[g].items()} for g in ("params", "optimizer", "state")]
+            layouts = {name: dict(d.attrs) for name, d in f["params"].items()}
             vocab = [s.decode("utf-8") if isinstance(s, bytes) else s for s in f["vocab"][()]]
             verify_digest(f, meta_json, vocab, path)
             meta = json.loads(meta_json)
@@ -141,7 +146,25 @@ def load_checkpoint(path):
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable gpurnn checkpoint ({os_error_cause(exc)})") from None
-    return Checkpoint(path, *groups, vocab, meta)
+    return Checkpoint(path, *groups, vocab, meta, layouts)
+
+
+def strip_checkpoint(path, output):
+    """Write the checkpoint at `path` to `output` without its optimizer state (/optimizer empty,
+    `optimizer_scalars` {}), marked `stripped`: the model alone, for eval, generate and shipping (Adam's
+    moments are twice the weights' size). A stripped checkpoint cannot resume training.
+
+    Refuses to write over `path` itself, or over a checkpoint a running trainer holds (its lock).
+    """
+    check_not_inputs([("stripped checkpoint", output)], [("checkpoint to strip", path)])
+    check_writable(output)
+    saved = verify_checkpoint(load_checkpoint(path))
+    lock = PathLock(output).acquire()
+    try:
+        save_checkpoint(output, params=saved.params, optimizer_arrays={}, state=saved.state, vocab=saved.vocab,
+                        meta={**saved.meta, "optimizer_scalars": {}, STRIPPED: True}, layouts=saved.layouts)
+    finally:
+        lock.release()
 
 
 def verify_digest(f, meta_json, vocab, path):

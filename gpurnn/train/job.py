@@ -16,7 +16,7 @@ from ..data import BPTTStream, demo_corpus, open_corpus
 from ..errors import CheckpointError, GpurnnError, SpecError
 from ..lock import PathLock
 from ..model import Model, preset_specs
-from .checkpoint import check_writable, load_checkpoint, restore_params, verify_checkpoint
+from .checkpoint import STRIPPED, check_writable, load_checkpoint, restore_params, verify_checkpoint
 from .optim import make_optimizer
 from .parallel import world
 from .trainer import TrainConfig, Trainer
@@ -198,7 +198,10 @@ def check_vocab(saved, corpus):
 
 
 def check_resume(saved, corpus, specs, options, explicit):
-    """Refuse a resume whose corpus or explicit options contradict the checkpoint."""
+    """Refuse a resume from a stripped checkpoint, or whose corpus or explicit options contradict it."""
+    if saved.meta.get(STRIPPED):
+        raise CheckpointError(f"{saved.path} is a stripped checkpoint: it has no optimizer state and cannot "
+                              f"resume training (eval and generate accept it)")
     check_vocab(saved, corpus)
     if "specs" in explicit and specs != saved.meta["specs"]:
         raise CheckpointError("the model options contradict the checkpoint's model; "
