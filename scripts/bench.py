@@ -239,6 +239,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5, help="back-to-back gpurnn/peer pairs per config")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test of the harness")
+    parser.add_argument("--backends", default="numpy,cupy",
+                        help="comma-separated gpurnn backends to measure (cupy only where usable)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--no-cuda-graph", action="store_true", help="CuPy: run each step eagerly")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
@@ -253,7 +255,9 @@ def main():
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    gpu = probe_cupy()[0] is not None
+    backends = [b for b in args.backends.split(",") if b == "numpy" or (b == "cupy" and probe_cupy()[0])]
+    if not backends:
+        parser.error(f"none of the backends {args.backends!r} is usable here")
     use_torch = not args.no_torch and subprocess.run([sys.executable, "-c", "import torch"],
                                                      capture_output=True).returncode == 0
     limits = machine_limits()
@@ -264,7 +268,7 @@ def main():
     rows = []
     for config in configs:
         cfg = CONFIGS[config]
-        for backend in ["numpy"] + (["cupy"] if gpu else []):
+        for backend in backends:
             peer_impl = ("torch-cuda" if backend == "cupy" else "torch-cpu") if use_torch else None
             row = measure_pair(cfg, config, backend, peer_impl, limits, args)
             rows.append(row)

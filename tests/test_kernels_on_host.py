@@ -1,7 +1,9 @@
 """Every CUDA kernel, run on the CPU (tests/kernels_on_host.py), computes what its NumPy twin does.
 
 Each op is called twice on the same inputs: once through its NumPy body, once through its CuPy body
-with the kernel compiled for the host. Then a whole model trains a few steps both ways.
+with the kernel compiled for the host. Then a whole model trains a few steps both ways. Every test
+runs twice: with one thread per block (the grid-stride loops), and with each block on as many
+threads as on the GPU, so that the block reductions and their `__syncthreads()` really run.
 """
 
 import contextlib
@@ -14,10 +16,18 @@ from gpurnn.backend import get_backend
 from gpurnn.model import Model, preset_specs
 from gpurnn.train.optim import Adam, SGD
 
-from .kernels_on_host import compiler, host_kernels
+from .kernels_on_host import compiler, host_kernels, run_grid
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no g++ to build the kernels for the host")
 RNG = np.random.default_rng(11)
+GRID = {"full_blocks": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["thread-per-block", "full-blocks"])
+def grid(request):
+    GRID["full_blocks"] = request.param
+    yield
+    GRID["full_blocks"] = False
 
 
 def both(fn, *arrays):
@@ -26,7 +36,7 @@ def both(fn, *arrays):
     host = [a.copy() if isinstance(a, np.ndarray) else a for a in arrays]
     kern = [a.copy() if isinstance(a, np.ndarray) else a for a in arrays]
     out_host = fn(*host)
-    with host_kernels():
+    with host_kernels(GRID["full_blocks"]):
         out_kern = fn(*kern)
     return host, kern, out_host, out_kern
 
@@ -138,7 +148,7 @@ def test_whole_training_steps_agree(registry, preset, extra):
         model = Model(preset_specs(preset, wordvec_size=6, hidden_size=6, **extra), 12, backend, registry, seed=5)
         opt = Adam(lr=0.01) if extra else SGD(lr=0.5)
         losses = []
-        with host_kernels() if kernels else contextlib.nullcontext():
+        with host_kernels(GRID["full_blocks"]) if kernels else contextlib.nullcontext():
             for i, (xs, ts) in enumerate(data):
                 model.set_step(i)
                 losses.append(float(model.forward(xs, ts)))
@@ -147,3 +157,15 @@ def test_whole_training_steps_agree(registry, preset, extra):
         results.append((losses, model.flat_params.copy()))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-12)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("args,refusal", [
+    ((np.zeros(4), np.zeros(4), np.int64(4)), "float64 array"),  # float32 kernel, float64 arrays
+    ((np.zeros(4, np.float32), np.zeros(4, np.float32), 4), "not a numpy int64 scalar"),
+    ((np.zeros(4, np.float32), np.zeros(4, np.float32), np.int32(4)), "not a numpy int64 scalar"),
+    ((np.zeros((4, 2), np.float32).T, np.zeros(8, np.float32), np.int64(8)), "not C-contiguous"),
+    ((np.zeros(4, np.float32), np.int64(4)), "2 arguments for 3 parameters"),
+])
+def test_a_launch_that_does_not_match_the_kernel_signature_is_refused(args, refusal):
+    with pytest.raises(AssertionError, match=refusal):
+        run_grid("rnn_cell", np.float32, 1, args)

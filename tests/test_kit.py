@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+from gpurnn.backend import probe_cupy
 from gpurnn.errors import PluginError
 from gpurnn.registry import Registry
 from gpurnn.testing import F32_TOL, ConformanceError, check_layer
@@ -169,6 +170,7 @@ def test_every_builtin_layer_passes_the_stricter_kit(registry, layer_type, optio
     report = check_layer(layer_type, options, registry=registry)
     assert max(report["float32_errors"].values()) < F32_TOL
     assert max(report["grad_errors"].values(), default=0.0) < 1e-5
+    assert report["cupy_parity"] == (probe_cupy()[0] is not None)  # checked wherever CuPy can run
 
 
 def test_a_stateful_class_without_get_state_is_refused_by_the_registry(tmp_path):

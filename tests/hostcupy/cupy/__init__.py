@@ -1,0 +1,430 @@
+"""A CPU stand-in for CuPy, so that gpurnn's CuPy code paths run end to end without a GPU.
+
+It is not a GPU emulator. A device array is a NumPy array inside a wrapper, and the CUDA kernels run
+compiled for the host (tests/kernels_on_host.py, one thread per block). What it keeps from CuPy is
+what gpurnn's code has to respect there, and which a run on NumPy cannot show:
+
+- a device array is not a NumPy array: converting one implicitly (`np.asarray`, h5py, json) or
+  mixing one with a NumPy array in an operation raises TypeError, as CuPy does; `empty` memory
+  holds NaN (floats) or a large sentinel (integers), never the zeros NumPy often hands out;
+- a kernel launch is checked against the kernel's C signature (array or scalar, which type, C order);
+- stream capture records the work instead of doing it. While a stream captures nothing runs, work on
+  any other stream, a host read (`get`, `item`, `float`, `bool`, `asnumpy`) and an upload from the
+  host are errors, and `Graph.launch` replays the recorded work on the same buffers with the
+  arguments as they were at capture: a Python number passed to a kernel stays what it was then.
+
+Put `tests/hostcupy` first on PYTHONPATH and `import cupy` finds this module.
+"""
+
+import contextlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+__version__ = "0.0+host-stand-in"
+
+_spec = importlib.util.spec_from_file_location(
+    "kernels_on_host", Path(__file__).resolve().parents[2] / "kernels_on_host.py")
+kernels_on_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernels_on_host)
+
+
+class CUDARuntimeError(RuntimeError):
+    """What CUDA would answer: here, for work that a capturing stream does not allow."""
+
+
+# -- streams, capture and graphs ----------------------------------------------------------------
+
+class Event:
+    def synchronize(self):
+        _host_read("Event.synchronize")
+
+
+class Stream:
+    """Work goes to the current stream; a capturing stream records it into its graph."""
+
+    def __init__(self, null=False, non_blocking=False, ptr=0):
+        self.is_null = null
+        self.tape = None  # the work recorded while this stream captures
+
+    @property
+    def ptr(self):
+        return 0 if self.is_null else id(self)
+
+    def __enter__(self):
+        _current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _current.pop()
+
+    def begin_capture(self, mode=None):
+        if self.is_null:
+            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: the null stream cannot capture")
+        if _capturing():
+            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: a stream is already capturing")
+        self.tape = []
+
+    def end_capture(self):
+        tape, self.tape = self.tape, None
+        return Graph(tape)
+
+    def is_capturing(self):
+        return self.tape is not None
+
+    def record(self, event=None):
+        return event or Event()
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        _host_read("Stream.synchronize")
+
+
+Stream.null = Stream(null=True)
+_current = [Stream.null]
+
+
+class Graph:
+    """The work recorded by a capture, replayed in order on the buffers it was recorded with."""
+
+    def __init__(self, tape):
+        self.tape = tape
+
+    def launch(self, stream=None):
+        _check_not_capturing("Graph.launch")
+        for work in self.tape:
+            work()
+
+
+def _capturing():
+    """The stream that is capturing, or None."""
+    return next((s for s in _current if s.tape is not None), None)
+
+
+def _check_not_capturing(what):
+    stream = _capturing()
+    if stream is not None:
+        stream.tape = None  # CUDA invalidates the capture
+        raise CUDARuntimeError(f"cudaErrorStreamCaptureUnsupported: {what} while a stream is capturing")
+
+
+def _host_read(what):
+    _check_not_capturing(f"{what} (a host synchronisation)")
+
+
+def _run(work):
+    """Do `work` on the current stream now, or record it when that stream captures."""
+    stream = _capturing()
+    if stream is None:
+        work()
+    elif _current[-1] is not stream:
+        stream.tape = None
+        raise CUDARuntimeError("cudaErrorStreamCaptureInvalidated: work on another stream during capture")
+    else:
+        stream.tape.append(work)
+
+
+def _base(a):
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _compute(fn, inputs=()):
+    """The array `fn()` makes: done now, and during capture also recorded to redo into the same
+    buffer at each replay. A result that is a view of an input is just that view."""
+    with np.errstate(all="ignore"):
+        result = fn()
+    if isinstance(result, np.generic):
+        result = np.asarray(result)
+    if not isinstance(result, np.ndarray):
+        return result
+    if _capturing() is not None:
+        bases = [_base(x._a) for x in _flat(inputs) if isinstance(x, ndarray)]
+        if not any(_base(result) is b for b in bases):
+            _fill_unset(result)  # not computed yet: only the replay will
+            _run(lambda: np.copyto(result, fn()))
+    return ndarray(result)
+
+
+def _fill_unset(a):
+    """What memory nothing has written to yet holds here: NaN, or a large integer."""
+    a.fill(np.nan if a.dtype.kind in "fc" else np.iinfo(a.dtype).max // 2 if a.dtype.kind in "iu" else 0)
+
+
+def _flat(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flat(v)
+        else:
+            yield v
+
+
+def _unwrap(x):
+    """The NumPy array behind a device array; a NumPy array here is an error, as in CuPy."""
+    if isinstance(x, ndarray):
+        return x._a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"Unsupported type {type(x)}: a NumPy array in a CuPy operation")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v) for v in x)
+    return x
+
+
+# -- arrays ---------------------------------------------------------------------------------------
+
+_METHODS = {"reshape", "ravel", "transpose", "swapaxes", "view", "squeeze", "flatten", "copy", "sum",
+            "max", "min", "mean", "argmax", "argmin", "dot", "cumsum", "var", "std", "any", "all",
+            "take", "repeat", "clip", "prod"}
+_ATTRIBUTES = {"shape", "dtype", "ndim", "size", "nbytes", "itemsize", "strides", "flags"}
+
+
+class ndarray(NDArrayOperatorsMixin):
+    """A device array: NumPy's arithmetic and methods, CuPy's refusals."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, array):
+        object.__setattr__(self, "_a", array)
+
+    def __getattr__(self, name):
+        if name in _ATTRIBUTES:
+            return getattr(self._a, name)
+        if name in _METHODS:
+            method = getattr(self._a, name)
+            return lambda *args, **kw: _compute(lambda: method(*_unwrap(args), **_unwrap(kw)), (self,) + args)
+        raise AttributeError(f"a CuPy array has no attribute {name!r} here")
+
+    @property
+    def T(self):
+        return ndarray(self._a.T)
+
+    @property
+    def base(self):
+        return None if self._a.base is None else ndarray(self._a.base)
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. "
+                        "Please use `.get()` to construct a NumPy array explicitly.")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
+        args = _unwrap(inputs)
+        call = getattr(ufunc, method)
+        if out is None:
+            return _compute(lambda: call(*args, **kw), inputs)
+        outs = tuple(_unwrap(o) for o in out)
+        _run(lambda: call(*args, out=outs, **kw))
+        return out[0] if len(out) == 1 else out
+
+    def __array_function__(self, func, types_, args, kwargs):
+        return _function(func)(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, key):
+        key = _index(key)
+        return _compute(lambda: self._a[key], (self, key))
+
+    def __setitem__(self, key, value):
+        key, value = _index(key), _unwrap(value) if not isinstance(value, np.ndarray) else _upload(value)
+        _run(lambda: self._a.__setitem__(key, value))
+
+    def astype(self, dtype, copy=True):
+        return _compute(lambda: self._a.astype(dtype, copy=copy), (self,))
+
+    def fill(self, value):
+        _run(lambda: self._a.fill(value))
+
+    def get(self, stream=None, out=None):
+        _host_read("ndarray.get")
+        return self._a.copy()
+
+    def set(self, array, stream=None):
+        if not isinstance(array, np.ndarray) or array.shape != self.shape:
+            raise ValueError("set() takes a NumPy array of the same shape")
+        _upload(array)
+        self._a[...] = array
+
+    def item(self):
+        _host_read("ndarray.item")
+        return self._a.item()
+
+    def tolist(self):
+        return self.get().tolist()
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __bool__(self):
+        return bool(self.item())
+
+    def __format__(self, spec):
+        return format(self.get(), spec)
+
+    def __repr__(self):
+        return f"cupy-stand-in:{self._a!r}"
+
+
+def _index(key):
+    """An index with device arrays unwrapped; NumPy arrays in an index are accepted, as CuPy does."""
+    if isinstance(key, tuple):
+        return tuple(_index(k) for k in key)
+    return key._a if isinstance(key, ndarray) else key
+
+
+def _upload(array):
+    """A host-to-device copy: not allowed inside a capture (it would synchronise with the host)."""
+    _check_not_capturing("a copy from the host")
+    return array
+
+
+def _function(fn):
+    """NumPy's function `fn` on device arrays: in place when given out=, else a new array."""
+    def call(*args, **kw):
+        a, k = _unwrap(args), _unwrap(kw)
+        if kw.get("out") is not None:
+            _run(lambda: fn(*a, **k))
+            return kw["out"]
+        return _compute(lambda: fn(*a, **k), args)
+    call.__name__ = getattr(fn, "__name__", "function")
+    return call
+
+
+# -- creating and moving arrays --------------------------------------------------------------------
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray):
+        return a.astype(dtype, copy=False) if dtype is not None else a
+    _upload(a)
+    return ndarray(np.array(a, dtype=dtype, order=order or "K"))
+
+
+def array(a, dtype=None, copy=True, order="K"):
+    if isinstance(a, ndarray):
+        return a.astype(dtype or a.dtype, copy=copy)
+    return asarray(a, dtype, order)
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"Unsupported type {type(a)}: ascontiguousarray takes a CuPy array")
+    return _compute(lambda: np.ascontiguousarray(a._a, dtype=dtype), (a,))
+
+
+def asnumpy(a, stream=None, out=None):
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+
+def empty(shape, dtype=float, order="C"):
+    a = np.empty(shape, dtype, order)
+    _fill_unset(a)
+    return ndarray(a)
+
+
+def empty_like(a, dtype=None, order="K", shape=None):
+    return empty(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def get_array_module(*args):
+    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else np
+
+
+def __getattr__(name):
+    """Everything else from NumPy: types and constants as they are, functions on device arrays."""
+    value = getattr(np, name)
+    if isinstance(value, np.ufunc):
+        return _ufunc(value)
+    if isinstance(value, type) or not callable(value):
+        return value
+    return _function(value)
+
+
+def _ufunc(ufunc):
+    """NumPy's ufunc, refusing NumPy arrays among its arguments as CuPy's do."""
+    def call(*args, **kw):
+        _unwrap(args), _unwrap(kw.get("out"))
+        return ufunc(*args, **kw)
+    call.__name__ = ufunc.__name__
+    return call
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+
+class RawKernel:
+    """A CUDA kernel from gpurnn.ops, run on the host; its arguments are checked at each launch."""
+
+    def __init__(self, code, name, options=(), backend="nvrtc"):
+        self.name = name
+        self.dtype = np.float64 if "typedef double T;" in code else np.float32
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        if not 1 <= block[0] <= 1024 or not 1 <= grid[0] < 2 ** 31:
+            raise CUDARuntimeError(f"{self.name}: invalid launch of {grid} blocks of {block} threads")
+        if any(isinstance(a, np.ndarray) for a in args):
+            raise TypeError(f"{self.name}: a NumPy array passed to a CUDA kernel")
+        host_args = [_unwrap(a) for a in args]
+        kernels_on_host.c_arguments(self.name, self.dtype, host_args)  # refuse a bad launch at once
+        _run(lambda: kernels_on_host.run_grid(self.name, self.dtype, grid[0], host_args))
+
+
+# -- cupy.cuda ---------------------------------------------------------------------------------------
+
+class MemoryPool:
+    def malloc(self, size):
+        raise NotImplementedError("the host stand-in allocates through NumPy")
+
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+_default_pool = MemoryPool()
+
+
+def get_default_memory_pool():
+    return _default_pool
+
+
+class Device:
+    def __init__(self, device=0):
+        self.id = device
+
+    def synchronize(self):
+        _host_read("Device.synchronize")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _device_properties(device):
+    return {"name": b"host stand-in for CuPy (tests/hostcupy)", "totalGlobalMem": 1 << 30}
+
+
+cuda = types.ModuleType(f"{__name__}.cuda")
+cuda.Stream, cuda.Event, cuda.Graph, cuda.Device, cuda.MemoryPool = Stream, Event, Graph, Device, MemoryPool
+cuda.get_current_stream = lambda: _current[-1]
+cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()
+cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
+                                     runtimeGetVersion=lambda: 13000, CUDARuntimeError=CUDARuntimeError)
+sys.modules[cuda.__name__] = cuda

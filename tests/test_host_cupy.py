@@ -1,0 +1,124 @@
+"""gpurnn's CuPy code paths, run end to end on the CPU through the stand-in for CuPy (tests/hostcupy).
+
+The stand-in keeps what CuPy demands of gpurnn's code (no implicit conversion to NumPy, kernel
+arguments matching the kernels' C signatures, nothing run and no host read while a stream captures,
+a graph replaying what was captured) while the arithmetic runs on NumPy and the kernels compiled for
+the host. So the CUDA-graph training step, checkpoints written from device arrays, evaluation and
+generation on the `cupy` backend all run here, with no GPU. What the stand-in cannot show (speed,
+the GPU's own parallelism and memory) waits for `scripts/gpu_check.sh` on a GPU machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from .kernels_on_host import compiler
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no g++ to build the kernels for the host")
+TESTS = Path(__file__).resolve().parent
+TINY = ["--model", "better-rnnlm", "--wordvec-size", "16", "--hidden-size", "16", "--dropout", "0.3",
+        "--optimizer", "adam", "--lr", "0.01", "--clip", "0.5", "--seed", "4", "--quiet"]
+
+
+def with_stand_in(args, cwd, check=True):
+    """Run `python args...` with the stand-in found as `cupy` (and loaded before gpurnn probes)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPURNN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "hostcupy"), str(TESTS.parent)])
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def gpurnn(*args, cwd):
+    return with_stand_in(["-m", "gpurnn", *map(str, args)], cwd)
+
+
+def params(path):
+    with h5py.File(path, "r") as f:
+        return {name: f["params"][name][()] for name in f["params"]}
+
+
+def test_the_gpu_tests_pass_with_the_stand_in(tmp_path):
+    """Every test that a CUDA device would unskip: CuPy against NumPy per layer (the plugin kit), per
+    training step, the CUDA-graph step against the eager one bit for bit, exact resume with dropout."""
+    done = with_stand_in(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(TESTS / "test_gpu.py"),
+                          str(TESTS / "test_backend.py"), str(TESTS / "test_kit.py"), "-k",
+                          "not importing_gpurnn_does_not_import_cupy"], tmp_path, check=False)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0 and "skipped" not in summary and "failed" not in summary, done.stdout
+
+
+def test_training_on_the_cupy_backend_with_and_without_the_cuda_graph(tmp_path):
+    gpurnn("--backend", "cupy", "train", *TINY, "--max-iters", "30", "--checkpoint", "graph.h5", cwd=tmp_path)
+    gpurnn("--backend", "cupy", "train", *TINY, "--max-iters", "30", "--no-cuda-graph",
+           "--checkpoint", "eager.h5", cwd=tmp_path)
+    gpurnn("--backend", "numpy", "train", *TINY, "--max-iters", "30", "--checkpoint", "numpy.h5", cwd=tmp_path)
+    graph, eager, host = (params(tmp_path / f"{name}.h5") for name in ("graph", "eager", "numpy"))
+    for name, value in graph.items():
+        np.testing.assert_array_equal(value, eager[name], err_msg=name)  # the replayed graph is the step
+        np.testing.assert_allclose(value, host[name], rtol=1e-3, atol=1e-3 * np.abs(host[name]).max(),
+                                   err_msg=name)  # float32 on two backends, 30 Adam steps
+
+
+def test_a_cupy_run_resumes_exactly_and_its_checkpoint_scores_the_same_on_numpy(tmp_path):
+    from .conftest import write_small_corpus
+    corpus = write_small_corpus(tmp_path / "corpus")
+    common = ["--backend", "cupy", "train", corpus, *TINY, "--batch-size", "4", "--time-size", "5",
+              "--eval-every", "10"]
+    gpurnn(*common, "--max-iters", "40", "--checkpoint", "whole.h5", cwd=tmp_path)
+    gpurnn(*common, "--max-iters", "20", "--checkpoint", "split.h5", cwd=tmp_path)
+    gpurnn(*common, "--max-iters", "40", "--checkpoint", "split.h5", "--resume", cwd=tmp_path)
+    whole, split = params(tmp_path / "whole.h5"), params(tmp_path / "split.h5")
+    for name, value in whole.items():
+        np.testing.assert_array_equal(split[name], value, err_msg=name)
+    scores = [json.loads(gpurnn("--backend", backend, "eval", "whole.h5", corpus, "--split", "test", "--json",
+                                cwd=tmp_path).stdout)["perplexity"] for backend in ("cupy", "numpy")]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+    texts = [gpurnn("--backend", backend, "generate", "whole.h5", "--length", "12", "--seed", "3",
+                    cwd=tmp_path).stdout for backend in ("cupy", "numpy")]
+    assert texts[0] == texts[1] and len(texts[0].split()) >= 8  # 12 tokens, <eos> printed as a line break
+
+
+STAND_IN_REFUSALS = r"""
+import numpy as np, cupy
+a = cupy.zeros(3, dtype=cupy.float32)
+for attempt in (lambda: np.asarray(a), lambda: a + np.ones(3, np.float32)):
+    try:
+        attempt()
+        print("accepted")
+    except TypeError:
+        print("refused")
+stream = cupy.cuda.Stream(non_blocking=True)
+with stream:
+    stream.begin_capture()
+    b = a + 1
+    try:
+        float(b.sum())
+        print("accepted")
+    except cupy.CUDARuntimeError:
+        print("refused")
+stream = cupy.cuda.Stream(non_blocking=True)
+with stream:
+    stream.begin_capture()
+    b = a + 1
+    a += 2
+    graph = stream.end_capture()
+print(a.get().tolist(), b.get().tolist())
+graph.launch(stream)
+print(a.get().tolist(), b.get().tolist())
+"""
+
+
+def test_the_stand_in_refuses_what_cupy_refuses_and_replays_what_it_captured(tmp_path):
+    out = with_stand_in(["-c", STAND_IN_REFUSALS], tmp_path).stdout.split("\n")
+    assert out[:3] == ["refused", "refused", "refused"]
+    assert out[3] == "[0.0, 0.0, 0.0] [nan, nan, nan]"  # captured, not run
+    assert out[4] == "[2.0, 2.0, 2.0] [1.0, 1.0, 1.0]"  # the replay runs both, in order
