@@ -708,9 +708,53 @@ def softmax_cross_entropy_backward(cache, dout=1.0):
 ELEMENT_BLOCK = 32768  # elements per block: a block of p, g, m, v and two temporaries fits a core's L2
 
 
+NORM_BLOCKS = 1024  # blocks sharing a squared norm's first stage on CuPy
+
+KERNELS["sum_squares_blocks"] = r"""
+// Stage one of sum(g * g): each block sums its grid-stride share, then reduces it to partial[block].
+extern "C" __global__ void sum_squares_blocks(const T* g, long long n, T* partial) {
+    __shared__ T part[256];
+    T s = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        s += g[i] * g[i];
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) part[threadIdx.x] += part[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
+}
+"""
+KERNELS["sum_blocks"] = r"""
+// Stage two: one block adds the blocks' shares into total[0].
+extern "C" __global__ void sum_blocks(const T* partial, int count, T* total) {
+    __shared__ T part[256];
+    T s = 0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) part[threadIdx.x] += part[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) total[0] = part[0];
+}
+"""
+
+
 def squared_norm(g):
-    """sum(g * g) of a flat array as a 0-d device array (BLAS dot: no temporary)."""
-    return array_module(g).vdot(g, g)
+    """sum(g * g) of a flat array: BLAS dot on NumPy; on CuPy a 1-element device array from two
+    kernels (a share per block, then their sum), all on the GPU at full bandwidth and in a fixed
+    order, so the result is the same from run to run."""
+    xp = array_module(g)
+    if xp is np:
+        return np.vdot(g, g)
+    blocks = max(1, min(NORM_BLOCKS, -(-g.size // THREADS)))
+    partial, total = xp.empty(blocks, g.dtype), xp.empty(1, g.dtype)
+    _launch("sum_squares_blocks", g.dtype, g.size, (g, np.int64(g.size), partial), blocks=blocks)
+    _launch("sum_blocks", g.dtype, blocks, (partial, np.int32(blocks), total), blocks=1)
+    return total
 
 
 def clip_factor(sumsq, max_norm):

@@ -155,9 +155,6 @@ class HostCupy:
     def __getattr__(self, name):
         return getattr(np, name)
 
-    def vdot(self, a, b):
-        return np.asarray(np.vdot(a, b))  # CuPy's is a 0-d array on the device, read by the kernel
-
 
 _FULL_BLOCKS = False
 

@@ -127,6 +127,15 @@ def test_dropout_masks_are_identical(dtype):
     assert_same(host, kern, tol(dtype))
 
 
+@pytest.mark.parametrize("n", [1, 1000, 70_001])
+def test_squared_norm(dtype, n):
+    g = rand(dtype, n)
+    with host_kernels(GRID["full_blocks"]):
+        total = ops.squared_norm(g)
+    assert total.shape == (1,)
+    assert total[0] == pytest.approx(np.vdot(g.astype(np.float64), g), rel=10 * tol(dtype))
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_optimizer_updates(dtype, clip):
     n = 1000
