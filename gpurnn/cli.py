@@ -451,9 +451,11 @@ def plot_current_run(log, path):
               help="Lanes scored in parallel; 1 gives one exact left-to-right pass.")
 @click.option("--time-size", default=35, type=click.IntRange(1), help="Block length.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default="on",
+              help="CuPy: capture one block's forward pass as a CUDA graph and replay it for every block.")
 @runtime_options
 @click.pass_context
-def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
+def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json, cuda_graph):
     """Perplexity of CHECKPOINT over a whole split of CORPUS.h5, every token scored once."""
     from .data import open_corpus
     from .train.checkpoint import load_checkpoint
@@ -468,7 +470,7 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json):
     progress = EvalProgress(desc=split)
     try:
         ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size, progress=progress,
-                                 on_note=lambda text: click.echo(f"note: {text}", err=True))
+                                 on_note=lambda text: click.echo(f"note: {text}", err=True), cuda_graph=cuda_graph)
     finally:
         progress.close()
     if as_json:

@@ -2,9 +2,9 @@
 """Training-step and evaluation speed of gpurnn against PyTorch on the same model, in one run.
 
 For each configuration it times, after warm-up, a fixed number of training steps (`Trainer.step`:
-forward, backward, gradient-norm clipping, SGD update; a CUDA graph on CuPy unless --no-cuda-graph)
-and forward-only evaluation steps, in tokens/s, on the NumPy and
-(where usable) CuPy backends, and the same model in PyTorch when torch is importable (same B, T,
+forward, backward, gradient-norm clipping, SGD update) and forward-only evaluation blocks as
+`gpurnn eval` runs them (host batch in, loss out), each a CUDA graph on CuPy unless --no-cuda-graph,
+in tokens/s, on the NumPy and (where usable) CuPy backends, and the same model in PyTorch when torch is importable (same B, T,
 sizes, thread count). Each measurement runs in its own process, so its peak RSS is its own; gpurnn
 and the peer are measured in back-to-back pairs, --repeat times, and each ratio is the median of the
 pairs' ratios (a shared VM's speed drifts by tens of percent between minutes). Prints a table with
@@ -33,6 +33,8 @@ from gpurnn.backend import cpu_name, get_backend, probe_cupy
 from gpurnn.model import Model, preset_specs
 from gpurnn.ops import cpu_threads, for_row_blocks
 from gpurnn.registry import Registry
+from gpurnn.train.evaluate import block_forward
+from gpurnn.train.graph import CapturedStep
 from gpurnn.train.optim import SGD
 from gpurnn.train.trainer import TrainConfig, Trainer
 
@@ -83,11 +85,12 @@ def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True):
     with trainer.threads():
         train = timed(train_step, data, warmup, backend.synchronize)
     model.eval()
-    device = [(backend.asarray(x), backend.asarray(t)) for x, t in data]
-    evaluate = timed(model.forward, device, warmup, backend.synchronize)
+    forward = block_forward(model, cuda_graph)  # as `gpurnn eval` runs a block: host batch in, loss out
+    evaluate = timed(forward, data, warmup, backend.synchronize)
     result = {"train_s": train, "eval_s": evaluate, "device": backend.describe()["device"]}
     if backend.is_gpu:
-        pools = [backend.xp.get_default_memory_pool()] + ([trainer.graph.pool] if trainer.graph else [])
+        graphs = [g for g in (trainer.graph, forward) if isinstance(g, CapturedStep)]
+        pools = [backend.xp.get_default_memory_pool()] + [g.pool for g in graphs]
         result["device_peak_bytes"] = sum(pool.total_bytes() for pool in pools)
         result["cuda_graph"] = bool(trainer.graph and trainer.graph.graph is not None)
     return result

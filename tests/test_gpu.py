@@ -94,3 +94,12 @@ def test_a_resumed_gpu_run_with_dropout_is_bit_identical(registry):
     resumed = run(second, data[4:])
     assert full[0][4:] == resumed[0]
     np.testing.assert_array_equal(full[1], resumed[1])
+
+
+@requires_gpu
+def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(registry):
+    from gpurnn.train.evaluate import perplexity
+
+    model = Model(specs(), V, get_backend("cupy", "float64"), registry, seed=3)
+    ids = np.random.default_rng(5).integers(0, V, 200).astype(np.int32)
+    assert perplexity(model, ids, 3, T, cuda_graph=True) == perplexity(model, ids, 3, T, cuda_graph=False)

@@ -5,7 +5,8 @@ of ceil((N - 1) / B) positions, read T at a time with the hidden state carried a
 (`gpurnn.data.stream.eval_batches`). The last lane is shorter: its missing positions are padded with
 IGNORE targets, which the loss skips, so the padding scores nothing. Each lane starts from a zero
 state, so B = 1 gives the exact perplexity of one left-to-right pass; larger B is faster and costs a
-little context at B - 1 lane starts.
+little context at B - 1 lane starts. On CuPy the forward pass of a block is captured once as a CUDA
+graph and replayed for every block (as training steps are), unless `cuda_graph` is off.
 """
 
 import math
@@ -13,6 +14,7 @@ import math
 import numpy as np
 
 from ..data.stream import eval_batches, eval_lanes
+from .graph import CapturedStep
 
 # The most logits (B x T x V) one evaluation block may hold: bounds memory whatever --batch-size says.
 MAX_BLOCK_LOGITS = 1 << 25  # 128 MiB in float32
@@ -30,12 +32,12 @@ def lanes_for(model, positions, batch_size, time_size):
     return eval_lanes(positions, min(batch_size, by_memory), time_size)
 
 
-def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=None):
+def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=None, cuda_graph=True):
     """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was.
 
     `progress(done, total)`, when given, is called after each batch (for a progress bar). `batch_size`
     is lowered where it would leave a lane without a whole block or exceed the memory bound;
-    `on_note(text)` is told when that happens.
+    `on_note(text)` is told when that happens (and when a CUDA graph cannot be captured).
     """
     lanes = lanes_for(model, len(ids) - 1, batch_size, time_size)
     if lanes < batch_size and on_note is not None:
@@ -48,9 +50,10 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
     model.reset_state()
     total, tokens = 0.0, 0
     batches = list(eval_batches(ids, lanes, time_size))  # views of two (B, width) arrays
+    forward = block_forward(model, cuda_graph, on_note)
     try:
         for done, (xs, ts, count) in enumerate(batches, 1):
-            loss = model.forward(backend.asarray(xs), backend.asarray(ts))
+            loss = forward(xs, ts)
             total = total + loss.astype(np.float64) * count  # float64, on the device until the end
             tokens += count
             if progress:
@@ -60,3 +63,12 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
         model.set_state(saved_state)
         model.train(was_training)
     return perplexity_of_loss(mean), tokens
+
+
+def block_forward(model, cuda_graph=True, on_note=None):
+    """forward(xs, ts) -> mean loss of one block from host arrays: replayed from a CUDA graph on CuPy
+    (every block of an evaluation has the same shape), eager otherwise."""
+    backend = model.backend
+    if backend.is_gpu and cuda_graph:
+        return CapturedStep(model.forward, backend.xp, on_note or (lambda text: None))
+    return lambda xs, ts: model.forward(backend.asarray(xs), backend.asarray(ts))

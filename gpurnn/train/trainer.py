@@ -229,7 +229,8 @@ class Trainer:
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
             valid = self.group.from_root(lambda: perplexity(self.model, self.valid_ids, self.config.eval_batch_size,
-                                                            self.config.time_size, progress=self.on_eval)[0])
+                                                            self.config.time_size, progress=self.on_eval,
+                                                            cuda_graph=self.config.cuda_graph)[0])
             if self.graph is not None:
                 self.graph.reset()
             record["valid_perplexity"] = valid
