@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from .kernels_on_host import compiler
+from .test_parallel import WHY_NOT as WHY_NO_MPI
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no g++ to build the kernels for the host")
 TESTS = Path(__file__).resolve().parent
@@ -54,6 +55,13 @@ def test_the_gpu_tests_pass_with_the_stand_in(tmp_path):
                           "not importing_gpurnn_does_not_import_cupy"], tmp_path, check=False)
     summary = done.stdout.strip().splitlines()[-1]
     assert done.returncode == 0 and "skipped" not in summary and "failed" not in summary, done.stdout
+
+
+@pytest.mark.skipif(WHY_NO_MPI is not None, reason=str(WHY_NO_MPI))
+def test_one_rank_all_reduces_through_nccl_with_the_stand_in(tmp_path):
+    test = f"{TESTS / 'test_parallel.py'}::test_one_rank_with_nccl_trains_as_one_process_without_mpi"
+    done = with_stand_in(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test], tmp_path, check=False)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout
 
 
 def test_training_on_the_cupy_backend_with_and_without_the_cuda_graph(tmp_path):

@@ -11,12 +11,15 @@ what gpurnn's code has to respect there, and which a run on NumPy cannot show:
 - stream capture records the work instead of doing it. While a stream captures nothing runs, work on
   any other stream, a host read (`get`, `item`, `float`, `bool`, `asnumpy`) and an upload from the
   host are errors, and `Graph.launch` replays the recorded work on the same buffers with the
-  arguments as they were at capture: a Python number passed to a kernel stays what it was then.
+  arguments as they were at capture: a Python number passed to a kernel stays what it was then;
+- `cupy.cuda.nccl` serves one rank (the most one device can host), so the NCCL all-reduce path of
+  data-parallel training runs under `mpiexec -n 1`.
 
 Put `tests/hostcupy` first on PYTHONPATH and `import cupy` finds this module.
 """
 
 import contextlib
+import ctypes
 import importlib.util
 import sys
 import types
@@ -204,6 +207,10 @@ class ndarray(NDArrayOperatorsMixin):
     @property
     def T(self):
         return ndarray(self._a.T)
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self._a.ctypes.data)
 
     @property
     def base(self):
@@ -404,6 +411,8 @@ def get_default_memory_pool():
 
 
 class Device:
+    pci_bus_id = "0000:00:00.0"
+
     def __init__(self, device=0):
         self.id = device
 
@@ -428,3 +437,25 @@ cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()
 cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
                                      runtimeGetVersion=lambda: 13000, CUDARuntimeError=CUDARuntimeError)
 sys.modules[cuda.__name__] = cuda
+
+
+class NcclCommunicator:
+    """NCCL for one rank, the most one device can host: an all-reduce leaves the buffer as it is."""
+
+    def __init__(self, ndev, commId, rank):
+        if ndev != 1 or rank != 0:
+            raise NotImplementedError("the host stand-in for NCCL has one rank")
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        if datatype not in (nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64) or op != nccl.NCCL_SUM or count < 1:
+            raise ValueError(f"allReduce({count}, datatype {datatype}, op {op}) is not what gpurnn asks")
+        if sendbuf != recvbuf:  # a sum over one rank is a copy
+            _run(lambda: ctypes.memmove(recvbuf, sendbuf, count * (4 if datatype == nccl.NCCL_FLOAT32 else 8)))
+
+
+nccl = types.ModuleType(f"{cuda.__name__}.nccl")
+nccl.NCCL_SUM, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64 = 0, 7, 8
+nccl.get_unique_id = lambda: tuple(range(128))
+nccl.NcclCommunicator = NcclCommunicator
+cuda.nccl = nccl
+sys.modules[nccl.__name__] = nccl
