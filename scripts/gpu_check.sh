@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The prepared command for a machine with a CUDA GPU (CuPy installed there, no package registry),
 # sized to fit one device call of under 10 minutes:
-#   1. install gpurnn without dependencies; record the GPU and versions; probe CUDA-graph capture of a
-#      cuBLAS GEMM and a kernel;
+#   1. install gpurnn without dependencies (with the setuptools wheel carried in .whl/ where the
+#      machine's setuptools is older than 77); record the GPU and versions; probe CUDA-graph capture
+#      of a cuBLAS GEMM and a kernel;
 #   2. the benchmark beside PyTorch on the same GPU while nothing else runs (small-rnn, medium-lstm);
 #   3. the whole test suite with CuPy as the default backend; with --ptb, at the same time, the 2 x 650
 #      tied LSTM (scripts/ptb_medium.toml, the textbook's recipe: SGD lr 20, clip 0.25, lr / 4 when
-#      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 420) and
-#      its checkpoint of best validation perplexity is scored on valid and test, stripped of its
-#      optimizer state and split into parts under 16 MiB. The corpus must be prepared beforehand as runs/ptb.h5 (or $PTB_CORPUS) and carried.
+#      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 420); its
+#      checkpoint of best validation perplexity is scored on valid and test, stripped of its optimizer
+#      state and split into parts under 16 MiB. The corpus is prepared beforehand as runs/ptb.h5 (or
+#      $PTB_CORPUS) and carried with .whl/: run(carry=["runs/ptb.h5", ".whl"]).
 # $OUT (default runs/gpu_check) receives at most 8 files: summary.txt, logs.tar.gz (every log and
 # JSON) and ptb_medium.h5.part*; `cat ptb_medium.h5.part* > ptb_medium.h5` joins the checkpoint (its
 # sha256 is in summary.txt). Usage: bash scripts/gpu_check.sh [--ptb]
@@ -23,8 +25,13 @@ corpus="${PTB_CORPUS:-runs/ptb.h5}"
 export PYTHONUNBUFFERED=1
 note() { echo "$*" | tee -a "$summary"; }
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$logs/install.log" 2>&1 \
-    || { tail -n 5 "$logs/install.log" | tee -a "$summary"; exit 1; }
+install() { python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$logs/install.log" 2>&1; }
+if ! install; then  # setuptools there may predate `license = "MIT"` (77): bring a newer one in .whl/
+    note "install failed ($(tail -n 1 "$logs/install.log")); retrying with $(ls .whl/setuptools-*.whl 2>/dev/null)"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/setuptools .whl/setuptools-*.whl \
+        >>"$logs/install.log" 2>&1 && PYTHONPATH=/tmp/setuptools install \
+        || { tail -n 5 "$logs/install.log" | tee -a "$summary"; exit 1; }
+fi
 note "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 python3 -m gpurnn --backend cupy info --json >"$logs/info.json" 2>&1
 note "$(python3 -m gpurnn --version 2>&1); $(python3 -c 'import cupy, numpy; print("cupy", cupy.__version__, "numpy", numpy.__version__)')"
