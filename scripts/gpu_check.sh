@@ -14,19 +14,30 @@
 # $OUT (default runs/gpu_check) receives at most 8 files: summary.txt, logs.tar.gz (every log and
 # JSON) and ptb_medium.h5.part*; `cat ptb_medium.h5.part* > ptb_medium.h5` joins the checkpoint (its
 # sha256 is in summary.txt). Usage: bash scripts/gpu_check.sh [--ptb]
+# GPU_CHECK_QUICK=1 makes it a dry run of a minute or two with the gpurnn already installed: the
+# benchmark's quick mode on small-rnn, the GPU tests only (tests/test_host_cupy.py runs it so on the
+# CPU through the stand-in for CuPy, with a small corpus as PTB_CORPUS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_check}"
-logs="$(mktemp -d)/logs"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+logs="$work/logs"
 mkdir -p "$out" "$logs"
 summary="$out/summary.txt"
 ptb_seconds="${PTB_SECONDS:-420}"
 corpus="${PTB_CORPUS:-runs/ptb.h5}"
 export PYTHONUNBUFFERED=1
 note() { echo "$*" | tee -a "$summary"; }
+bench_args=(--configs small-rnn,medium-lstm --repeat 1 --iters 200 --warmup 20)
+tests=(tests)
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
+    bench_args=(--configs small-rnn --quick --no-torch)
+    tests=(tests/test_gpu.py)
+fi
 
 install() { python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$logs/install.log" 2>&1; }
-if ! install; then  # setuptools there may predate `license = "MIT"` (77): bring a newer one in .whl/
+if [ "${GPU_CHECK_QUICK:-0}" != 1 ] && ! install; then  # setuptools there may predate `license = "MIT"` (77): bring a newer one in .whl/
     note "install failed ($(tail -n 1 "$logs/install.log")); retrying with $(ls .whl/setuptools-*.whl 2>/dev/null)"
     python3 -m pip install -q --no-index --no-deps --target /tmp/setuptools .whl/setuptools-*.whl \
         >>"$logs/install.log" 2>&1 && PYTHONPATH=/tmp/setuptools install \
@@ -53,8 +64,8 @@ PY
 note "capture probe: $(tail -n 1 "$logs/capture_probe.log")"
 
 echo "== benchmark beside PyTorch, nothing else on the GPU"
-timeout 180 python3 scripts/bench.py --backends cupy --configs small-rnn,medium-lstm --repeat 1 \
-    --iters 200 --warmup 20 --json "$logs/bench.json" 2>&1 | tee "$logs/bench.log"
+timeout 180 python3 scripts/bench.py --backends cupy "${bench_args[@]}" --json "$logs/bench.json" 2>&1 \
+    | tee "$logs/bench.log"
 bench_rc=${PIPESTATUS[0]}
 grep -E "^(small|medium)" "$logs/bench.log" >>"$summary"
 
@@ -72,7 +83,7 @@ fi
 
 echo "== tests, CuPy as the default backend"
 GPURNN_BACKEND=cupy OPENBLAS_NUM_THREADS=4 timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    -m "not packaging" tests >"$logs/tests.log" 2>&1
+    -m "not packaging" "${tests[@]}" >"$logs/tests.log" 2>&1
 tests_rc=$?
 note "tests (rc $tests_rc): $(tail -n 1 "$logs/tests.log")"
 grep -E "^(FAILED|ERROR)" "$logs/tests.log" | head -n 20 >>"$summary"

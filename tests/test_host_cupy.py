@@ -8,6 +8,7 @@ generation on the `cupy` backend all run here, with no GPU. What the stand-in ca
 the GPU's own parallelism and memory) waits for `scripts/gpu_check.sh` on a GPU machine.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -27,12 +28,13 @@ TINY = ["--model", "better-rnnlm", "--wordvec-size", "16", "--hidden-size", "16"
         "--optimizer", "adam", "--lr", "0.01", "--clip", "0.5", "--seed", "4", "--quiet"]
 
 
-def with_stand_in(args, cwd, check=True):
-    """Run `python args...` with the stand-in found as `cupy` (and loaded before gpurnn probes)."""
+def with_stand_in(args, cwd, check=True, program=(sys.executable,), **env_vars):
+    """Run `python args...` (or `program args...`) with the stand-in found as `cupy`, loaded before
+    gpurnn probes for it, and `env_vars` added to the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPURNN_")}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "hostcupy"), str(TESTS.parent)])
-    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env.update({k: str(v) for k, v in env_vars.items()})
+    done = subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
     return done
@@ -132,3 +134,27 @@ def test_the_stand_in_refuses_what_cupy_refuses_and_replays_what_it_captured(tmp
     assert out[:3] == ["refused", "refused", "refused"]
     assert out[3] == "[0.0, 0.0, 0.0] [nan, nan, nan]"  # captured, not run
     assert out[4] == "[2.0, 2.0, 2.0] [1.0, 1.0, 1.0]"  # the replay runs both, in order
+
+
+def test_the_gpu_check_script_runs_through_with_the_stand_in(tmp_path):
+    """scripts/gpu_check.sh --ptb as a dry run: what it leaves in $OUT, and a checkpoint that joins
+    from its parts and scores on NumPy what it scored on the `cupy` backend."""
+    from gpurnn.data import prepare_corpus
+    lines = (TESTS.parent / "gpurnn/data/ptb_first_1000_words.txt").read_text().splitlines()
+    for name, part in (("train", lines), ("valid", lines[:6]), ("test", lines[6:12])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(part) + "\n")
+    corpus, out = tmp_path / "corpus.h5", tmp_path / "out"
+    prepare_corpus(tmp_path / "train.txt", corpus, valid=tmp_path / "valid.txt", test=tmp_path / "test.txt")
+    with_stand_in([str(TESTS.parent / "scripts/gpu_check.sh"), "--ptb"], tmp_path, program=("bash",),
+                  GPU_CHECK_QUICK=1, PTB_SECONDS=20, PTB_CORPUS=corpus, OUT=out)
+    summary = (out / "summary.txt").read_text()
+    assert "summary: tests rc=0 bench rc=0 ptb rc=0" in summary and "capture probe: captured" in summary
+    parts = sorted(out.glob("ptb_medium.h5.part*"))
+    assert len(list(out.iterdir())) <= 8 and parts and all(p.stat().st_size <= 16 << 20 for p in parts)
+    joined = tmp_path / "joined.h5"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    assert hashlib.sha256(joined.read_bytes()).hexdigest() in summary
+    on_gpu = json.loads(summary.split("ptb test (rc 0): ")[1].splitlines()[0])["perplexity"]
+    on_cpu = json.loads(gpurnn("--backend", "numpy", "eval", joined, corpus, "--split", "test", "--batch-size", "1",
+                               "--json", cwd=tmp_path).stdout)["perplexity"]
+    assert on_cpu == pytest.approx(on_gpu, rel=1e-5)
