@@ -239,3 +239,37 @@ def test_perplexity_sums_the_block_losses_in_float64(registry):
     total = sum(float(model.forward(xs, ts)) * count for xs, ts, count in eval_batches(ids, 1, 5))
     assert tokens == 3000
     assert abs(np.log(ppl) - total / tokens) < 1e-12
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 7])
+def test_ranks_scoring_their_shares_of_the_evaluation_lanes_add_up_to_the_whole(registry, ranks):
+    """5 lanes over 2, 3 or 7 ranks (some with none): the ranks' sums give the one-process perplexity."""
+    from gpurnn.backend import get_backend
+    from gpurnn.model import Model, preset_specs
+    from gpurnn.train.parallel import Group
+    model = Model(preset_specs("better-rnnlm", wordvec_size=4, hidden_size=4), 9, get_backend("numpy", "float64"),
+                  registry)
+    ids = np.random.default_rng(1).integers(0, 9, 203)
+    whole, tokens = perplexity(model, ids, batch_size=5, time_size=7)
+    sums = []
+
+    class Rank(Group):
+        """One of `ranks` ranks; its all-reduce keeps what it is given (added up below) and hands back
+        the whole split's sums."""
+
+        def __init__(self, rank):
+            super().__init__()
+            self.rank, self.size = rank, ranks
+
+        def sum(self, values):
+            sums.append(values)
+            return np.array([np.log(whole) * tokens, tokens])
+
+    shares = [Rank(r).share(5) for r in range(ranks)]  # contiguous, covering the 5 lanes, as even as can be
+    assert shares[0][0] == 0 and shares[-1][1] == 5 and all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+    for r in range(ranks):
+        assert perplexity(model, ids, batch_size=5, time_size=7, group=Rank(r)) == (pytest.approx(whole), tokens)
+    loss_sum, scored = np.sum(sums, axis=0)
+    assert scored == tokens == 202
+    assert np.exp(loss_sum / scored) == pytest.approx(whole, rel=1e-12)

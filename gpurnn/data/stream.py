@@ -168,11 +168,12 @@ def eval_lanes(positions, batch_size, time_size):
     return eval_layout(positions, batch_size, time_size)[0]
 
 
-def eval_batches(ids, batch_size, time_size):
+def eval_batches(ids, batch_size, time_size, rows=None):
     """Yield (xs, ts, count): int32 (B, T) blocks covering every prediction of `ids` once.
 
     The N - 1 predictions are cut into B contiguous lanes of ceil((N - 1) / B) positions (B from
-    `eval_layout`); the last lane's missing positions are padded with IGNORE targets.
+    `eval_layout`); the last lane's missing positions are padded with IGNORE targets. `rows` (lo, hi)
+    keeps lanes lo..hi-1 only (one rank's share; it may be empty), `count` then counting theirs.
     """
     ids = np.asarray(ids)
     positions = len(ids) - 1
@@ -187,6 +188,8 @@ def eval_batches(ids, batch_size, time_size):
         start, stop = b * lane, min((b + 1) * lane, positions)
         xs[b, : stop - start] = ids[start:stop]
         ts[b, : stop - start] = ids[start + 1: stop + 1]
+    if rows is not None:
+        xs, ts = xs[rows[0]: rows[1]], ts[rows[0]: rows[1]]
     for k in range(steps):
         block = slice(k * time_size, (k + 1) * time_size)
         t = ts[:, block]

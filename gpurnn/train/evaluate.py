@@ -6,7 +6,8 @@ of ceil((N - 1) / B) positions, read T at a time with the hidden state carried a
 IGNORE targets, which the loss skips, so the padding scores nothing. Each lane starts from a zero
 state, so B = 1 gives the exact perplexity of one left-to-right pass; larger B is faster and costs a
 little context at B - 1 lane starts. On CuPy the forward pass of a block is captured once as a CUDA
-graph and replayed for every block (as training steps are), unless `cuda_graph` is off.
+graph and replayed for every block (as training steps are), unless `cuda_graph` is off. Under data
+parallelism each rank scores its share of the lanes and the ranks add up their sums.
 """
 
 import math
@@ -32,12 +33,15 @@ def lanes_for(model, positions, batch_size, time_size):
     return eval_lanes(positions, min(batch_size, by_memory), time_size)
 
 
-def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=None, cuda_graph=True):
+def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=None, cuda_graph=True,
+               group=None):
     """(perplexity, tokens scored) of `model` on `ids`; the model's training state is left as it was.
 
     `progress(done, total)`, when given, is called after each batch (for a progress bar). `batch_size`
     is lowered where it would leave a lane without a whole block or exceed the memory bound;
-    `on_note(text)` is told when that happens (and when a CUDA graph cannot be captured).
+    `on_note(text)` is told when that happens (and when a CUDA graph cannot be captured). With `group`
+    (the ranks of a data-parallel run, `gpurnn.train.parallel.Group`), this rank scores its share of
+    the lanes and every rank returns the whole split's perplexity.
     """
     lanes = lanes_for(model, len(ids) - 1, batch_size, time_size)
     if lanes < batch_size and on_note is not None:
@@ -49,7 +53,8 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
     model.eval()
     model.reset_state()
     total, tokens = 0.0, 0
-    batches = list(eval_batches(ids, lanes, time_size))  # views of two (B, width) arrays
+    rows = group.share(lanes) if group is not None else None
+    batches = list(eval_batches(ids, lanes, time_size, rows))  # views of two (B, width) arrays
     forward = block_forward(model, cuda_graph, on_note)
     try:
         for done, (xs, ts, count) in enumerate(batches, 1):
@@ -58,11 +63,13 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
             tokens += count
             if progress:
                 progress(done, len(batches))
-        mean = float(total) / tokens
+        sums = np.array([float(total), tokens])  # this rank's: loss times tokens, tokens
     finally:
         model.set_state(saved_state)
         model.train(was_training)
-    return perplexity_of_loss(mean), tokens
+    if group is not None:
+        sums = group.sum(sums)
+    return perplexity_of_loss(sums[0] / sums[1]), int(sums[1])
 
 
 def block_forward(model, cuda_graph=True, on_note=None):

@@ -4,8 +4,9 @@ The global batch of B lanes is split into R contiguous groups of B / R lanes; ea
 its lanes (`BPTTStream(lanes=...)`), carries their hidden state, and backpropagates its lanes' share
 of the global mean loss. One all-reduce per iteration sums the gradients into exactly the global
 gradient (MPI `Allreduce` on the CPU, NCCL between GPUs), so clipping sees the global norm and every
-rank applies the same update. Rank 0 alone logs, evaluates and writes checkpoints; a checkpoint holds
-every lane's state, gathered, so a run resumes on any number of ranks.
+rank applies the same update. Validation is shared out the same way: each rank scores its share of
+the evaluation lanes and the sums are added. Rank 0 alone logs and writes checkpoints; a checkpoint
+holds every lane's state, gathered, so a run resumes on any number of ranks.
 
 An MPI launch is recognised from the launcher's environment (`PMI_SIZE`, `OMPI_COMM_WORLD_SIZE`,
 `MPI_LOCALNRANKS`); only then is mpi4py imported, so importing gpurnn never imports it. A failure on
@@ -68,6 +69,11 @@ class Group:
                                 f"choose a multiple of {self.size}")
         share = batch_size // self.size
         return (self.rank * share, (self.rank + 1) * share)
+
+    def share(self, count):
+        """This rank's contiguous share (lo, hi) of `count` items (evaluation lanes), as even as they
+        divide; a rank gets none where there are fewer items than ranks."""
+        return count * self.rank // self.size, count * (self.rank + 1) // self.size
 
     def check_same(self, options):
         """Refuse a run whose ranks were given different options (compared by a hash of them)."""

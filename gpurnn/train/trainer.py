@@ -228,9 +228,9 @@ class Trainer:
                   "lr": self.optimizer.lr, "train_perplexity": perplexity_of_loss(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
-            valid = self.group.from_root(lambda: perplexity(self.model, self.valid_ids, self.config.eval_batch_size,
-                                                            self.config.time_size, progress=self.on_eval,
-                                                            cuda_graph=self.config.cuda_graph)[0])
+            valid = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
+                               progress=self.on_eval, cuda_graph=self.config.cuda_graph, group=self.group)[0]
+            valid = self.group.from_root(lambda: valid)  # rank 0's sum: every rank decides alike
             if self.graph is not None:
                 self.graph.reset()
             record["valid_perplexity"] = valid
