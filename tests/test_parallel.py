@@ -294,3 +294,15 @@ def test_ctrl_c_stops_every_rank_at_once_and_the_last_checkpoint_resumes(corpus,
     assert code == 130  # each rank says so, unless the first to abort ends the other before it does
     assert re.search(r"gpurnn: error: rank [01] of 2: interrupted; resume from the last saved checkpoint", output)
     resumes(corpus, checkpoint)
+
+
+@needs_mpi
+def test_a_diverging_run_is_reported_once_and_every_rank_exits_2(corpus, tmp_path):
+    """The ranks share the summed loss, so all of them find it non-finite at once: one line, not one per rank."""
+    ck = tmp_path / "ck.h5"
+    done = mpirun(2, gpurnn(*TRAIN, corpus, *TINY[:-4], "--lr", "1e38", "--max-iters", "40", "--log-every", "1",
+                            "--save-every", "1", "--checkpoint", ck, "--quiet"))
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and "the loss became non-finite at iteration" in done.stderr
+    kept = int(done.stderr.split("(iteration ")[1].split(")")[0])
+    assert load_checkpoint(ck).meta["trainer"]["iteration"] == kept

@@ -31,8 +31,13 @@ RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
-class ParallelError(GpurnnError):
-    """The ranks cannot train together; raised alike on every rank, so rank 0 alone reports it."""
+class RaisedAlike(GpurnnError):
+    """An error every rank raises at the same point, from values the ranks share (their options, the
+    summed losses, the identical parameters): rank 0 alone reports it and every rank exits 2."""
+
+
+class ParallelError(RaisedAlike):
+    """The ranks cannot train together."""
 
 
 def launcher_value(names):
@@ -231,7 +236,7 @@ def world():
 def on_every_rank(command):
     """Decorate a CLI command to run on every rank: rank 0 alone prints, and a failure ends the job.
 
-    A ParallelError (raised alike on every rank) is reported once by rank 0 and every rank exits 2;
+    A RaisedAlike error (such as ParallelError) is reported once by rank 0 and every rank exits 2;
     any other error, or Ctrl-C, is reported by the rank it happened on and aborts all ranks.
     """
 
@@ -250,7 +255,7 @@ def on_every_rank(command):
                 quiet.enter_context(redirect_stderr(devnull))
             try:
                 return command(*args, **kwargs)
-            except ParallelError as exc:
+            except RaisedAlike as exc:
                 return agreed_exit(exc, group.rank)
             except (Exception, KeyboardInterrupt) as exc:
                 group.end_job(exc)

@@ -25,16 +25,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import CheckpointError, GpurnnError
+from ..errors import CheckpointError
 from ..ops import training_threads
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity, perplexity_of_loss
 from .graph import CapturedStep
-from .parallel import Group
+from .parallel import Group, RaisedAlike
 
 
-class TrainingDiverged(GpurnnError):
-    """The loss became NaN or infinite."""
+class TrainingDiverged(RaisedAlike):
+    """The loss became NaN or infinite (on every rank alike: they share the summed loss and the parameters)."""
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
