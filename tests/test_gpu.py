@@ -103,3 +103,16 @@ def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(regi
     model = Model(specs(), V, get_backend("cupy", "float64"), registry, seed=3)
     ids = np.random.default_rng(5).integers(0, V, 200).astype(np.int32)
     assert perplexity(model, ids, 3, T, cuda_graph=True) == perplexity(model, ids, 3, T, cuda_graph=False)
+
+
+@requires_gpu
+def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_why_once(registry):
+    data = batches(6)
+    eager = run(trainer(get_backend("cupy", "float64"), registry, graph=False), data)
+    tr, notices = trainer(get_backend("cupy", "float64"), registry), []
+    tr.on_notice = notices.append
+    step = tr.graph.compute
+    tr.graph.compute = lambda xs, ts: step(xs, ts) + 0 * float(tr.model.flat_params[0])  # a host read
+    assert run(tr, data)[0] == eager[0]
+    assert tr.graph.failed and len(notices) == 1
+    assert "capture failed" in notices[0] and "capturing" in notices[0]  # the cause, not its aftermath

@@ -11,6 +11,8 @@ evaluation) calls `reset()`: the next steps warm up and capture again. Where cap
 training goes on eagerly and says why once.
 """
 
+import contextlib
+
 import numpy as np
 
 
@@ -53,9 +55,11 @@ class CapturedStep:
             self.stream.begin_capture()
             try:
                 self.loss = self.compute(self.xs, self.ts)
-            finally:
-                graph = self.stream.end_capture()
-        self.graph = graph
+            except BaseException:
+                with contextlib.suppress(Exception):  # end the broken capture; what broke it is the news
+                    self.stream.end_capture()
+                raise
+            self.graph = self.stream.end_capture()
 
     def _replay(self, xs, ts):
         cupy = self.cupy

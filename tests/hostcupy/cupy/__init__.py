@@ -53,6 +53,7 @@ class Stream:
     def __init__(self, null=False, non_blocking=False, ptr=0):
         self.is_null = null
         self.tape = None  # the work recorded while this stream captures
+        self.invalidated = False  # a capture that met something it does not allow
 
     @property
     def ptr(self):
@@ -74,6 +75,9 @@ class Stream:
 
     def end_capture(self):
         tape, self.tape = self.tape, None
+        if self.invalidated:
+            self.invalidated = False
+            raise CUDARuntimeError("cudaErrorStreamCaptureInvalidated: the capture was invalidated")
         return Graph(tape)
 
     def is_capturing(self):
@@ -110,11 +114,16 @@ def _capturing():
     return next((s for s in _current if s.tape is not None), None)
 
 
+def _invalidate(stream, error):
+    """End `stream`'s recording, as CUDA invalidates a capture, and raise `error`."""
+    stream.tape, stream.invalidated = None, True
+    raise CUDARuntimeError(error)
+
+
 def _check_not_capturing(what):
     stream = _capturing()
     if stream is not None:
-        stream.tape = None  # CUDA invalidates the capture
-        raise CUDARuntimeError(f"cudaErrorStreamCaptureUnsupported: {what} while a stream is capturing")
+        _invalidate(stream, f"cudaErrorStreamCaptureUnsupported: {what} while a stream is capturing")
 
 
 def _host_read(what):
@@ -127,8 +136,7 @@ def _run(work):
     if stream is None:
         work()
     elif _current[-1] is not stream:
-        stream.tape = None
-        raise CUDARuntimeError("cudaErrorStreamCaptureInvalidated: work on another stream during capture")
+        _invalidate(stream, "cudaErrorStreamCaptureInvalidated: work on another stream during capture")
     else:
         stream.tape.append(work)
 
