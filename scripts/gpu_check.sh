@@ -7,7 +7,7 @@
 #   2. the benchmark beside PyTorch on the same GPU while nothing else runs (small-rnn, medium-lstm);
 #   3. the whole test suite with CuPy as the default backend; with --ptb, at the same time, the 2 x 650
 #      tied LSTM (scripts/ptb_medium.toml, the textbook's recipe: SGD lr 20, clip 0.25, lr / 4 when
-#      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 420); its
+#      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 400); its
 #      checkpoint of best validation perplexity is scored on valid and test, stripped of its optimizer
 #      state and split into parts under 16 MiB. The corpus is prepared beforehand as runs/ptb.h5 (or
 #      $PTB_CORPUS) and carried with .whl/: run(carry=["runs/ptb.h5", ".whl"]).
@@ -21,11 +21,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_check}"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 logs="$work/logs"
 mkdir -p "$out" "$logs"
+ptb_pid=""
+finish() {
+    [ -n "$ptb_pid" ] && kill "$ptb_pid" 2>/dev/null && wait "$ptb_pid"  # training still running: stop it
+    tar -czf "$out/logs.tar.gz" -C "$logs" --exclude '*.h5' . 2>/dev/null
+    rm -rf "$work"
+}
+trap finish EXIT  # the logs come back even from a run stopped at its time limit
+trap 'exit 143' TERM INT
 summary="$out/summary.txt"
-ptb_seconds="${PTB_SECONDS:-420}"
+ptb_seconds="${PTB_SECONDS:-400}"
 corpus="${PTB_CORPUS:-runs/ptb.h5}"
 export PYTHONUNBUFFERED=1
 note() { echo "$*" | tee -a "$summary"; }
@@ -64,12 +71,11 @@ PY
 note "capture probe: $(tail -n 1 "$logs/capture_probe.log")"
 
 echo "== benchmark beside PyTorch, nothing else on the GPU"
-timeout 180 python3 scripts/bench.py --backends cupy "${bench_args[@]}" --json "$logs/bench.json" 2>&1 \
+timeout 120 python3 scripts/bench.py --backends cupy "${bench_args[@]}" --json "$logs/bench.json" 2>&1 \
     | tee "$logs/bench.log"
 bench_rc=${PIPESTATUS[0]}
 grep -E "^(small|medium)" "$logs/bench.log" >>"$summary"
 
-ptb_pid=""
 if [ "${1:-}" = "--ptb" ]; then
     echo "== PTB: 2 x 650 tied LSTM, at most $ptb_seconds s of training (in the background)"
     ptb_start=$(date +%s)
@@ -92,12 +98,13 @@ ptb_rc=0
 if [ -n "$ptb_pid" ]; then
     wait "$ptb_pid"
     train_rc=$?  # 124: stopped at the time limit (the checkpoint is saved on SIGTERM)
+    ptb_pid=""
     note "ptb training: rc $train_rc after $(( $(date +%s) - ptb_start )) s; $(tail -n 2 "$logs/ptb_train.log" | tr '\n' ' ')"
     scored="$logs/ptb_medium.h5"
     [ -f "$logs/ptb_medium.best.h5" ] && scored="$logs/ptb_medium.best.h5"  # best validation perplexity
     note "ptb scored: $(basename "$scored")"
     for split in valid test; do
-        timeout 90 python3 -m gpurnn --backend cupy eval "$scored" "$corpus" --split "$split" \
+        timeout 60 python3 -m gpurnn --backend cupy eval "$scored" "$corpus" --split "$split" \
             --batch-size 1 --json >"$logs/ptb_$split.json" 2>&1
         rc=$?
         ptb_rc=$(( ptb_rc || rc ))
@@ -107,6 +114,5 @@ if [ -n "$ptb_pid" ]; then
     note "ptb checkpoint sha256: $(sha256sum "$logs/ptb_medium.weights.h5" | cut -d' ' -f1)"
     split -b 15M -d "$logs/ptb_medium.weights.h5" "$out/ptb_medium.h5.part"
 fi
-tar -czf "$out/logs.tar.gz" -C "$logs" --exclude '*.h5' .
 note "summary: tests rc=$tests_rc bench rc=$bench_rc ptb rc=$ptb_rc"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$ptb_rc" = 0 ]
