@@ -171,6 +171,7 @@ def test_every_builtin_layer_passes_the_stricter_kit(registry, layer_type, optio
     assert max(report["float32_errors"].values()) < F32_TOL
     assert max(report["grad_errors"].values(), default=0.0) < 1e-5
     assert report["cupy_parity"] == (probe_cupy()[0] is not None)  # checked wherever CuPy can run
+    assert report.get("cupy_parity_error", 0.0) < 1e-10
 
 
 def test_a_stateful_class_without_get_state_is_refused_by_the_registry(tmp_path):
