@@ -10,7 +10,8 @@
 #      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 400); its
 #      checkpoint of best validation perplexity is scored on valid and test, stripped of its optimizer
 #      state and split into parts under 16 MiB. The corpus is prepared beforehand as runs/ptb.h5 (or
-#      $PTB_CORPUS) and carried with .whl/: run(carry=["runs/ptb.h5", ".whl"]).
+#      $PTB_CORPUS) and carried with .whl/ (setuptools, and mpich and mpi4py wheels for the MPI tests
+#      where the machine has no mpiexec): run(carry=["runs/ptb.h5", ".whl"]).
 # $OUT (default runs/gpu_check) receives at most 8 files: summary.txt, logs.tar.gz (every log and
 # JSON) and ptb_medium.h5.part*; `cat ptb_medium.h5.part* > ptb_medium.h5` joins the checkpoint (its
 # sha256 is in summary.txt). Usage: bash scripts/gpu_check.sh [--ptb]
@@ -44,12 +45,19 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
 fi
 
 install() { python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$logs/install.log" 2>&1; }
-if [ "${GPU_CHECK_QUICK:-0}" != 1 ] && ! install; then  # setuptools there may predate `license = "MIT"` (77): bring a newer one in .whl/
+# The machine's setuptools may predate `license = "MIT"` (77): then a newer one from .whl/.
+if [ "${GPU_CHECK_QUICK:-0}" != 1 ] && ! install; then
     note "install failed ($(tail -n 1 "$logs/install.log")); retrying with $(ls .whl/setuptools-*.whl 2>/dev/null)"
     python3 -m pip install -q --no-index --no-deps --target /tmp/setuptools .whl/setuptools-*.whl \
         >>"$logs/install.log" 2>&1 && PYTHONPATH=/tmp/setuptools install \
         || { tail -n 5 "$logs/install.log" | tee -a "$summary"; exit 1; }
 fi
+# No mpiexec there: MPICH and mpi4py from .whl/, so that the MPI tests (NCCL's among them) run.
+if ! command -v mpiexec >/dev/null && ls .whl/mpich-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/mpi .whl/mpich-*.whl .whl/mpi4py-*.whl \
+        >>"$logs/install.log" 2>&1 && export PATH="/tmp/mpi/bin:$PATH" PYTHONPATH="/tmp/mpi${PYTHONPATH:+:$PYTHONPATH}"
+fi
+note "mpi: $(command -v mpiexec || echo 'none: the MPI tests skip')"
 note "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 python3 -m gpurnn --backend cupy info --json >"$logs/info.json" 2>&1
 note "$(python3 -m gpurnn --version 2>&1); $(python3 -c 'import cupy, numpy; print("cupy", cupy.__version__, "numpy", numpy.__version__)')"
