@@ -455,8 +455,12 @@ def plot_current_run(log, path):
               help="CuPy: capture one block's forward pass as a CUDA graph and replay it for every block.")
 @runtime_options
 @click.pass_context
+@on_every_rank
 def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json, cuda_graph):
-    """Perplexity of CHECKPOINT over a whole split of CORPUS.h5, every token scored once."""
+    """Perplexity of CHECKPOINT over a whole split of CORPUS.h5, every token scored once.
+
+    Under `mpiexec -n R` each process scores its share of the lanes and rank 0 prints the whole.
+    """
     from .data import open_corpus
     from .train.checkpoint import load_checkpoint
     from .train.evaluate import perplexity
@@ -470,7 +474,8 @@ def evaluate(ctx, checkpoint, corpus, split, batch_size, time_size, as_json, cud
     progress = EvalProgress(desc=split)
     try:
         ppl, tokens = perplexity(model, data.split(split)[:], batch_size, time_size, progress=progress,
-                                 on_note=lambda text: click.echo(f"note: {text}", err=True), cuda_graph=cuda_graph)
+                                 on_note=lambda text: click.echo(f"note: {text}", err=True), cuda_graph=cuda_graph,
+                                 group=world())
     finally:
         progress.close()
     if as_json:

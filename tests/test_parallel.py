@@ -306,3 +306,18 @@ def test_a_diverging_run_is_reported_once_and_every_rank_exits_2(corpus, tmp_pat
     assert len(done.stderr.splitlines()) == 1 and "the loss became non-finite at iteration" in done.stderr
     kept = int(done.stderr.split("(iteration ")[1].split(")")[0])
     assert load_checkpoint(ck).meta["trainer"]["iteration"] == kept
+
+
+@needs_mpi
+def test_two_ranks_evaluate_a_split_as_one_process_does(corpus, tmp_path):
+    ck = tmp_path / "ck.h5"
+    done = subprocess.run(gpurnn(*TRAIN, corpus, *TINY, "--max-iters", "10", "--checkpoint", ck, "--quiet"),
+                          capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    evaluate = gpurnn("--backend", "numpy", "eval", ck, corpus, "--split", "valid", "--batch-size", "5",
+                      "--time-size", "5", "--json")
+    alone = subprocess.run(evaluate, capture_output=True, text=True, env=ENV)
+    shared = mpirun(2, evaluate)  # lanes 0-1 on rank 0, 2-4 on rank 1; rank 0 alone prints
+    assert alone.returncode == 0 and shared.returncode == 0, shared.stderr
+    one, two = json.loads(alone.stdout), json.loads(shared.stdout)
+    assert two["tokens"] == one["tokens"] and two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-6)
