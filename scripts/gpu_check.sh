@@ -34,6 +34,7 @@ finish() {
 trap finish EXIT  # the logs come back even from a run stopped at its time limit
 trap 'exit 143' TERM INT
 summary="$out/summary.txt"
+: >"$summary"
 ptb_seconds="${PTB_SECONDS:-400}"
 deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-570} ))  # the whole script's, inside a 600 s call
 corpus="${PTB_CORPUS:-runs/ptb.h5}"
