@@ -161,8 +161,13 @@ def _launch(name, dtype, n, args, threads=THREADS, blocks=None):
     if key not in _COMPILED:
         _COMPILED[key] = cupy.RawKernel(kernel_source(name, dtype), name)
     if blocks is None:
-        blocks = max(1, min(-(-n // threads), 65535))
+        blocks = grid_blocks(n, threads)
     _COMPILED[key]((blocks,), (threads,), args)
+
+
+def grid_blocks(n, threads=THREADS, most=65535):
+    """Blocks of a grid-stride launch over n items: one item per thread, at most `most` blocks."""
+    return max(1, min(-(-n // threads), most))
 
 
 def _dtype_scalar(array, value):
@@ -750,7 +755,7 @@ def squared_norm(g):
     xp = array_module(g)
     if xp is np:
         return np.vdot(g, g)
-    blocks = max(1, min(NORM_BLOCKS, -(-g.size // THREADS)))
+    blocks = grid_blocks(g.size, most=NORM_BLOCKS)
     partial, total = xp.empty(blocks, g.dtype), xp.empty(1, g.dtype)
     _launch("sum_squares_blocks", g.dtype, g.size, (g, np.int64(g.size), partial), blocks=blocks)
     _launch("sum_blocks", g.dtype, blocks, (partial, np.int32(blocks), total), blocks=1)

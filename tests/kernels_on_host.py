@@ -139,7 +139,7 @@ def launch_on_host(name, dtype, n, args, threads=ops.THREADS, blocks=None):
     """`ops._launch` on the host: the same grid, each block on one thread or (`block_threads()`) on
     as many threads as the GPU would give it."""
     if blocks is None:
-        blocks = max(1, min(-(-n // threads), 65535))
+        blocks = ops.grid_blocks(n, threads)
     run_grid(name, dtype, blocks, args, threads if _FULL_BLOCKS else 1)
 
 

@@ -44,6 +44,13 @@ def gpurnn(*args, cwd):
     return with_stand_in(["-m", "gpurnn", *map(str, args)], cwd)
 
 
+def pytest_with_stand_in(*args, cwd):
+    """pytest `args` in a process that has the stand-in as `cupy`; its last line, once it passed."""
+    done = with_stand_in(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args], cwd, check=False)
+    assert done.returncode == 0, done.stdout
+    return done.stdout.strip().splitlines()[-1]
+
+
 def params(path):
     with h5py.File(path, "r") as f:
         return {name: f["params"][name][()] for name in f["params"]}
@@ -52,18 +59,16 @@ def params(path):
 def test_the_gpu_tests_pass_with_the_stand_in(tmp_path):
     """Every test that a CUDA device would unskip: CuPy against NumPy per layer (the plugin kit), per
     training step, the CUDA-graph step against the eager one bit for bit, exact resume with dropout."""
-    done = with_stand_in(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(TESTS / "test_gpu.py"),
-                          str(TESTS / "test_backend.py"), str(TESTS / "test_kit.py"), "-k",
-                          "not importing_gpurnn_does_not_import_cupy"], tmp_path, check=False)
-    summary = done.stdout.strip().splitlines()[-1]
-    assert done.returncode == 0 and "skipped" not in summary and "failed" not in summary, done.stdout
+    summary = pytest_with_stand_in(str(TESTS / "test_gpu.py"), str(TESTS / "test_backend.py"),
+                                   str(TESTS / "test_kit.py"), "-k", "not importing_gpurnn_does_not_import_cupy",
+                                   cwd=tmp_path)
+    assert "skipped" not in summary and "failed" not in summary, summary
 
 
 @pytest.mark.skipif(WHY_NO_MPI is not None, reason=str(WHY_NO_MPI))
 def test_one_rank_all_reduces_through_nccl_with_the_stand_in(tmp_path):
     test = f"{TESTS / 'test_parallel.py'}::test_one_rank_with_nccl_trains_as_one_process_without_mpi"
-    done = with_stand_in(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test], tmp_path, check=False)
-    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout
+    assert "1 passed" in pytest_with_stand_in(test, cwd=tmp_path)
 
 
 def test_training_on_the_cupy_backend_with_and_without_the_cuda_graph(tmp_path):

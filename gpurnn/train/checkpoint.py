@@ -159,12 +159,9 @@ def strip_checkpoint(path, output):
     check_not_inputs([("stripped checkpoint", output)], [("checkpoint to strip", path)])
     check_writable(output)
     saved = verify_checkpoint(load_checkpoint(path))
-    lock = PathLock(output).acquire()
-    try:
+    with PathLock(output):
         save_checkpoint(output, params=saved.params, optimizer_arrays={}, state=saved.state, vocab=saved.vocab,
                         meta={**saved.meta, "optimizer_scalars": {}, STRIPPED: True}, layouts=saved.layouts)
-    finally:
-        lock.release()
 
 
 def verify_digest(f, meta_json, vocab, path):

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..data.stream import eval_batches, eval_lanes
 from .graph import CapturedStep
+from .parallel import Group
 
 # The most logits (B x T x V) one evaluation block may hold: bounds memory whatever --batch-size says.
 MAX_BLOCK_LOGITS = 1 << 25  # 128 MiB in float32
@@ -53,7 +54,8 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
     model.eval()
     model.reset_state()
     total, tokens = 0.0, 0
-    rows = group.share(lanes) if group is not None else None
+    group = group if group is not None else Group()  # one process: all the lanes, and sums that are its own
+    rows = group.share(lanes)
     batches = list(eval_batches(ids, lanes, time_size, rows))  # views of two (B, width) arrays
     forward = block_forward(model, cuda_graph, on_note)
     try:
@@ -67,8 +69,7 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
     finally:
         model.set_state(saved_state)
         model.train(was_training)
-    if group is not None:
-        sums = group.sum(sums)
+    sums = group.sum(sums)
     return perplexity_of_loss(sums[0] / sums[1]), int(sums[1])
 
 
