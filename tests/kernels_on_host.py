@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gpurnn import ops
+from gpurnn.ops import kernels
 
 SHIM = r"""
 #include <algorithm>
@@ -98,7 +100,7 @@ def library(dtype):
     if name not in _LIBRARIES:
         ctype = {"float32": "float", "float64": "double"}[name]
         wrappers = "\n".join(grid_wrapper(k, p) for k, p in signatures().items())
-        source = (f"typedef {ctype} T;\n{SHIM}\n{ops.CUDA_PREAMBLE}\n" + "\n".join(ops.KERNELS.values())
+        source = (f"typedef {ctype} T;\n{SHIM}\n{kernels.CUDA_PREAMBLE}\n" + "\n".join(ops.KERNELS.values())
                   + "\n" + wrappers)
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         built = Path(tempfile.gettempdir()) / f"gpurnn-host-kernels-{digest}.so"
@@ -135,11 +137,11 @@ def c_arguments(name, dtype, args):
     return converted
 
 
-def launch_on_host(name, dtype, n, args, threads=ops.THREADS, blocks=None):
-    """`ops._launch` on the host: the same grid, each block on one thread or (`block_threads()`) on
+def launch_on_host(name, dtype, n, args, threads=kernels.THREADS, blocks=None):
+    """`gpurnn.ops.kernels.launch` on the host: the same grid, each block on one thread or (`block_threads()`) on
     as many threads as the GPU would give it."""
     if blocks is None:
-        blocks = ops.grid_blocks(n, threads)
+        blocks = kernels.grid_blocks(n, threads)
     run_grid(name, dtype, blocks, args, threads if _FULL_BLOCKS else 1)
 
 
@@ -164,9 +166,20 @@ def host_kernels(full_blocks=False):
     """Within this block, every op in gpurnn.ops takes its CuPy branch, running the kernels on the CPU;
     with `full_blocks`, each block on as many threads as on the GPU (block reductions really run)."""
     global _FULL_BLOCKS
-    saved = ops.array_module, ops._launch, _FULL_BLOCKS
-    ops.array_module, ops._launch, _FULL_BLOCKS = (lambda array: HostCupy()), launch_on_host, full_blocks
+    stand_ins = {"array_module": lambda array: HostCupy(), "launch": launch_on_host}
+    saved = [(module, name, getattr(module, name)) for module in _op_modules() for name in stand_ins
+             if hasattr(module, name)]
+    saved_blocks, _FULL_BLOCKS = _FULL_BLOCKS, full_blocks
+    for module, name, _ in saved:
+        setattr(module, name, stand_ins[name])
     try:
         yield
     finally:
-        ops.array_module, ops._launch, _FULL_BLOCKS = saved
+        for module, name, original in saved:
+            setattr(module, name, original)
+        _FULL_BLOCKS = saved_blocks
+
+
+def _op_modules():
+    """gpurnn.ops's family modules: each holds its own reference to array_module and launch."""
+    return [module for name, module in sorted(sys.modules.items()) if name.startswith("gpurnn.ops.")]

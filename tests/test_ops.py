@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gpurnn import ops
+from gpurnn.ops import threads
 
 RNG = np.random.default_rng(7)
 
@@ -123,11 +124,11 @@ def test_small_work_stays_on_the_calling_thread_and_large_work_splits(monkeypatc
     def record(lo, hi):
         seen.add(threading.current_thread().name)
 
-    monkeypatch.setattr(ops, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(threads, "cpu_threads", lambda: 2)
     ops.for_row_blocks(np.empty((50, 418)), record)  # the demo's softmax
     assert seen == {threading.current_thread().name}
     seen.clear()
-    covered = np.zeros(ops.MIN_PARALLEL_ELEMENTS * 2)
+    covered = np.zeros(threads.MIN_PARALLEL_ELEMENTS * 2)
 
     def cover(lo, hi):
         record(lo, hi)
@@ -139,7 +140,7 @@ def test_small_work_stays_on_the_calling_thread_and_large_work_splits(monkeypatc
 
 
 def test_a_split_step_matmul_equals_one_matmul(monkeypatch):
-    monkeypatch.setattr(ops, "cpu_threads", lambda: 3)
+    monkeypatch.setattr(threads, "cpu_threads", lambda: 3)
     a = RNG.standard_normal((20, 650)).astype(np.float32)
     b = RNG.standard_normal((650, 2600)).astype(np.float32)
     out = np.empty((20, 2600), np.float32)
@@ -175,3 +176,16 @@ def test_a_broken_kernel_is_reported_by_the_compile_check():
     with pytest.raises(CompileException, match="undefined"):
         program("typedef float T;\nextern \"C\" __global__ void k(T* x) { x[0] = undefined_name; }",
                 "bad.cu").compile(("-arch=sm_90",))
+
+
+def test_every_family_module_registers_its_kernels():
+    """The compile check above covers every kernel: each `KERNELS["name"]` written in an ops module is
+    in the one registry the check walks, and nothing is registered twice under one name."""
+    import re
+    from pathlib import Path
+
+    written = []
+    for source in sorted(Path(ops.__file__).parent.glob("*.py")):
+        written += re.findall(r'^KERNELS\["(\w+)"\]', source.read_text(), flags=re.M)
+    assert len(written) == len(set(written))
+    assert sorted(written) == sorted(ops.KERNELS)

@@ -12,7 +12,7 @@ from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
 from gpurnn.data.stream import IGNORE, eval_batches
 from gpurnn.train.evaluate import perplexity
 from gpurnn.train.generate import generate_texts, prompt_ids, prompt_tokens, sample
-from gpurnn.ops import ELEMENT_BLOCK
+from gpurnn.ops.updates import ELEMENT_BLOCK
 from gpurnn.train.optim import Adam, SGD, make_optimizer
 
 
