@@ -10,7 +10,7 @@ import numpy as np
 from .backend import Backend
 from .contract import ParamLayout
 from .errors import SpecError
-from .ops import column_sums
+from .ops import column_sums, matmul
 
 
 @dataclass
@@ -187,7 +187,7 @@ class RecurrentLayer(Layer):
         """(x_tm, a): the inputs time-major as (T*B, D) rows, and x Wx + b for all steps, (T, B, gates*H)."""
         B, T, D = xs.shape
         x_tm = xs.transpose(1, 0, 2).reshape(T * B, D)
-        a = (x_tm @ self.params["Wx"]).reshape(T, B, -1)
+        a = matmul(x_tm, self.params["Wx"]).reshape(T, B, -1)
         a += self.params["b"]
         return x_tm, a
 
@@ -198,16 +198,16 @@ class RecurrentLayer(Layer):
         differ only where a gate scales the recurrent term, as GRU's reset gate does); hs are the
         outputs (T, B, H), so h_{t-1} is h0 at t = 0 and hs[t-1] after.
         """
-        xp, g = self.xp, self.grads
+        g = self.grads
         d_hid = d_in if d_hid is None else d_hid
         T, B, G = d_in.shape
         H = hs.shape[2]
         d_in2 = d_in.reshape(T * B, G)
-        xp.matmul(hs[:-1].reshape(-1, H).T, d_hid[1:].reshape(-1, G), out=g["Wh"])
-        g["Wh"] += h0.T @ d_hid[0]
-        xp.matmul(x_tm.T, d_in2, out=g["Wx"])
+        matmul(hs[:-1].reshape(-1, H).T, d_hid[1:].reshape(-1, G), out=g["Wh"])
+        g["Wh"] += matmul(h0.T, d_hid[0])
+        matmul(x_tm.T, d_in2, out=g["Wx"])
         column_sums(d_in2, g["b"])
-        dxs = d_in2 @ self.params["Wx"].T
+        dxs = matmul(d_in2, self.params["Wx"].T)
         return dxs.reshape(T, B, -1).transpose(1, 0, 2)
 
 

@@ -17,7 +17,7 @@ from gpurnn.contract import ParamLayout
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix, require_input_size
-from gpurnn.ops import column_sums, for_row_blocks
+from gpurnn.ops import column_sums, for_row_blocks, matmul
 
 
 class TimeAffine(Layer):
@@ -54,12 +54,12 @@ class TimeAffine(Layer):
         self.x1 = self.xp.empty((x2d.shape[0], self.in_size + 1), x2d.dtype)
         self.x1[:, :-1] = x2d
         self.x1[:, -1] = 1
-        return (self.x1 @ self.Wb).reshape(*x.shape[:-1], self.output_size)
+        return matmul(self.x1, self.Wb).reshape(*x.shape[:-1], self.output_size)
 
     def backward(self, dout):
         d2d = dout.reshape(-1, self.output_size)
-        self.xp.matmul(self.x1.T, d2d, out=self.dWb)  # dW and db (the ones column's row)
-        dx = d2d @ self.params["W"].T
+        matmul(self.x1.T, d2d, out=self.dWb)  # dW and db (the ones column's row)
+        dx = matmul(d2d, self.params["W"].T)
         return dx.reshape(*dout.shape[:-1], dx.shape[-1])
 
 
@@ -98,7 +98,7 @@ class TiedAffine(Layer):
     def forward(self, x):
         """All B*T rows in one GEMM, then the bias added in cache-sized row blocks."""
         self.x2d = x.reshape(-1, x.shape[-1])
-        out = self.x2d @ self.W
+        out = matmul(self.x2d, self.W)
         b = self.params["b"]
 
         def add_bias(lo, hi):
@@ -109,9 +109,9 @@ class TiedAffine(Layer):
 
     def backward(self, dout):
         d2d = dout.reshape(-1, self.output_size)
-        self.xp.matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout
+        matmul(d2d.T, self.x2d, out=self.tied_grad)  # in the source's (V, D) layout
         column_sums(d2d, self.grads["b"])
-        dx = d2d @ self.W.T
+        dx = matmul(d2d, self.W.T)
         return dx.reshape(*dout.shape[:-1], dx.shape[-1])
 
     def add_tied_grads(self):

@@ -25,7 +25,7 @@ from .cells import (gru_cell, gru_cell_backward, lstm_backward_factors, lstm_cel
 from .dropout import dropout, dropout_key
 from .embedding import scatter_add_rows
 from .kernels import KERNELS, kernel_source
-from .linear import column_sums
+from .linear import column_sums, matmul
 from .losses import softmax_cross_entropy, softmax_cross_entropy_backward
 from .threads import cpu_threads, for_row_blocks, recurrent_loop, step_matmul, training_threads
 from .updates import adam_update, clip_factor, sgd_update, squared_norm
@@ -33,7 +33,7 @@ from .updates import adam_update, clip_factor, sgd_update, squared_norm
 __all__ = [
     "KERNELS", "adam_update", "clip_factor", "column_sums", "cpu_threads", "dropout", "dropout_key",
     "for_row_blocks", "gru_cell", "gru_cell_backward", "kernel_source", "lstm_backward_factors",
-    "lstm_cell", "lstm_cell_backward", "recurrent_loop", "rnn_cell", "rnn_cell_backward",
+    "lstm_cell", "lstm_cell_backward", "matmul", "recurrent_loop", "rnn_cell", "rnn_cell_backward",
     "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy",
     "softmax_cross_entropy_backward", "squared_norm", "step_matmul", "training_threads",
 ]

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..backend import array_module
+from .linear import matmul
 
 ROW_BLOCK = 32
 # Below this many elements a pool dispatch (lock, wake-up, join) costs more than the work it splits:
@@ -115,7 +116,7 @@ def step_matmul(a, b, out):
     """out = a @ b for one time step (a has few rows). Inside `recurrent_loop` on NumPy, a large
     enough product is split by columns over the pool, one share per core; otherwise one matmul."""
     if not _splits(a, b):
-        return array_module(a).matmul(a, b, out=out)
+        return matmul(a, b, out=out)
     threads = cpu_threads()
     n = b.shape[1]
     step = -(-n // threads)
