@@ -1,0 +1,99 @@
+"""Shared by the export tests: a tiny corpus, and checkpoints of each model kind whose every parameter
+(biases included) holds random values, so that a misplaced gate block or bias cannot go unseen."""
+
+import numpy as np
+
+from gpurnn.backend import get_backend
+from gpurnn.data import prepare_corpus
+from gpurnn.registry import Registry
+from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
+from gpurnn.train.job import model_from_checkpoint
+
+from .faultkit import cli
+
+WORDS = "the cat dog sat ran on under a mat tree house and then slept ate".split()
+GRU_CONFIG = """
+[[layers]]
+type = "embedding"
+size = 8
+
+[[layers]]
+type = "gru"
+hidden_size = 12
+
+[[layers]]
+type = "gru"
+hidden_size = 12
+
+[[layers]]
+type = "affine"
+
+[[layers]]
+type = "softmax_loss"
+"""
+PLUGIN_CONFIG = """
+[[layers]]
+type = "embedding"
+size = 8
+
+[[layers]]
+type = "relu_rnn"
+hidden_size = 12
+
+[[layers]]
+type = "residual"
+
+[[layers]]
+type = "affine"
+
+[[layers]]
+type = "softmax_loss"
+"""
+# `gpurnn train` options of each model kind; the keys are what the tests are parametrized over.
+MODELS = {
+    "simple-rnnlm": ["--model", "simple-rnnlm", "--wordvec-size", 8, "--hidden-size", 12],
+    "rnnlm": ["--model", "rnnlm", "--wordvec-size", 8, "--hidden-size", 12],
+    "better-rnnlm": ["--model", "better-rnnlm", "--wordvec-size", 12, "--hidden-size", 12],  # 2 layers, tied
+    "gru": ["--model-config", GRU_CONFIG],
+}
+
+
+def tiny_corpus(folder):
+    """A prepared word corpus of a 17-token vocabulary (15 words, <unk>, <eos>), train/valid/test."""
+    rng = np.random.default_rng(7)
+    for name, lines in (("train", 60), ("valid", 12), ("test", 12)):
+        text = "\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 9))) for _ in range(lines)) + "\n"
+        (folder / f"{name}.txt").write_text(text)
+    corpus = folder / "tiny.h5"
+    prepare_corpus(folder / "train.txt", corpus, valid=folder / "valid.txt", test=folder / "test.txt")
+    return corpus
+
+
+def random_checkpoint(folder, kind, corpus, options, plugin=()):
+    """A checkpoint of model `kind` (train options `options`; a model config given as its text) after 2
+    iterations, its parameters then replaced by N(0, 0.5) draws."""
+    options = list(options)
+    if "--model-config" in options:
+        config = folder / f"{kind}.toml"
+        config.write_text(options[options.index("--model-config") + 1])
+        options[options.index("--model-config") + 1] = config
+    ck = folder / f"{kind}.h5"
+    code, _, err = cli(*plugin, "train", corpus, *options, "--max-iters", 2, "--batch-size", 2, "--time-size", 5,
+                       "--quiet", "--checkpoint", ck)
+    assert code == 0, err
+    saved = load_checkpoint(ck)
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    params = {name: rng.normal(0, 0.5, value.shape).astype(np.float32) for name, value in saved.params.items()}
+    save_checkpoint(ck, params=params, optimizer_arrays={}, state={}, vocab=saved.vocab, meta=saved.meta,
+                    layouts=saved.layouts)
+    return ck
+
+
+def gpurnn_model(ck, plugins=()):
+    """The model of checkpoint `ck` on NumPy (float32), in evaluation mode."""
+    return model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), Registry(plugins=plugins))
+
+
+def relative_difference(a, b):
+    """max |a - b| over max |b|: the error relative to the array's scale."""
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
