@@ -1,6 +1,8 @@
 """Shared by the export tests: a tiny corpus, and checkpoints of each model kind whose every parameter
 (biases included) holds random values, so that a misplaced gate block or bias cannot go unseen."""
 
+from pathlib import Path
+
 import numpy as np
 
 from gpurnn.backend import get_backend
@@ -23,6 +25,22 @@ hidden_size = 12
 
 [[layers]]
 type = "gru"
+hidden_size = 12
+
+[[layers]]
+type = "affine"
+
+[[layers]]
+type = "softmax_loss"
+"""
+EXAMPLE_PLUGIN = ["--plugin", str(Path(__file__).parent / "plugin_pkg" / "gpurnn_example_layers.py")]
+RELU_CONFIG = """
+[[layers]]
+type = "embedding"
+size = 8
+
+[[layers]]
+type = "relu_rnn"
 hidden_size = 12
 
 [[layers]]
@@ -58,6 +76,24 @@ MODELS = {
 }
 
 
+# Models of the example plugin's layer types (relu_rnn, residual), which need EXAMPLE_PLUGIN loaded.
+PLUGIN_MODELS = {"relu": ["--model-config", RELU_CONFIG], "plugin": ["--model-config", PLUGIN_CONFIG]}
+
+
+def all_checkpoints(folder):
+    """(a tiny corpus, {kind: a random checkpoint}) for every kind of MODELS and PLUGIN_MODELS."""
+    corpus = tiny_corpus(folder)
+    cks = {kind: random_checkpoint(folder, kind, corpus, options) for kind, options in MODELS.items()}
+    cks.update({kind: random_checkpoint(folder, kind, corpus, options, plugin=EXAMPLE_PLUGIN)
+                for kind, options in PLUGIN_MODELS.items()})
+    return corpus, cks
+
+
+def plugins_of(kind):
+    """The --plugin options a model of `kind` needs."""
+    return EXAMPLE_PLUGIN if kind in PLUGIN_MODELS else []
+
+
 def tiny_corpus(folder):
     """A prepared word corpus of a 17-token vocabulary (15 words, <unk>, <eos>), train/valid/test."""
     rng = np.random.default_rng(7)
@@ -89,9 +125,10 @@ def random_checkpoint(folder, kind, corpus, options, plugin=()):
     return ck
 
 
-def gpurnn_model(ck, plugins=()):
-    """The model of checkpoint `ck` on NumPy (float32), in evaluation mode."""
-    return model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), Registry(plugins=plugins))
+def gpurnn_model(ck, kind=None):
+    """The model of checkpoint `ck` (of model `kind`) on NumPy (float32), in evaluation mode."""
+    registry = Registry(plugins=plugins_of(kind)[1:])
+    return model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), registry)
 
 
 def relative_difference(a, b):

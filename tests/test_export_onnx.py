@@ -11,24 +11,19 @@ import pytest
 from gpurnn.export.onnx_graph import OPSET
 from gpurnn.train.checkpoint import load_checkpoint
 
-from .exportkit import MODELS, PLUGIN_CONFIG, gpurnn_model, random_checkpoint, relative_difference, tiny_corpus
+from .exportkit import EXAMPLE_PLUGIN, MODELS, PLUGIN_MODELS, all_checkpoints, gpurnn_model, plugins_of, \
+    relative_difference
 from .faultkit import assert_one_line_error, cli, litter
 
 onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'gpurnn[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the test extra has it)")
 
-EXAMPLE_PLUGIN = str(Path(__file__).parent / "plugin_pkg" / "gpurnn_example_layers.py")
 LOGIT_TOLERANCE = 1e-5  # relative to the largest logit, in float32
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("onnx")
-    corpus = tiny_corpus(folder)
-    cks = {kind: random_checkpoint(folder, kind, corpus, options) for kind, options in MODELS.items()}
-    cks["plugin"] = random_checkpoint(folder, "plugin", corpus, ["--model-config", PLUGIN_CONFIG],
-                                      plugin=["--plugin", EXAMPLE_PLUGIN])
-    return cks
+    return all_checkpoints(tmp_path_factory.mktemp("onnx"))[1]
 
 
 def exported(ck, folder, *plugin):
@@ -62,11 +57,10 @@ def largest_logit_difference(model, path, blocks):
     return worst
 
 
-@pytest.mark.parametrize("kind", [*MODELS, "plugin"])
+@pytest.mark.parametrize("kind", [*MODELS, *PLUGIN_MODELS])
 def test_onnx_runtime_gives_gpurnns_logits_over_two_blocks_with_the_state_carried(checkpoints, tmp_path, kind):
-    plugin = ["--plugin", EXAMPLE_PLUGIN] if kind == "plugin" else []
-    path = exported(checkpoints[kind], tmp_path, *plugin)
-    model = gpurnn_model(checkpoints[kind], plugins=plugin[1:])
+    path = exported(checkpoints[kind], tmp_path, *plugins_of(kind))
+    model = gpurnn_model(checkpoints[kind], kind)
     ids = np.random.default_rng(3).integers(0, model.vocab_size, (3, 13))
     worst = largest_logit_difference(model, path, [ids[:, :7], ids[:, 7:]])  # two lengths: time is dynamic
     print(f"{kind}: largest logit difference {worst:.1e} relative to the largest logit")
@@ -106,7 +100,7 @@ def test_gru_gates_follow_pytorchs_formulation(checkpoints, tmp_path):
 
 def test_a_layer_type_without_an_export_is_named_in_one_line(checkpoints, tmp_path):
     plugin = tmp_path / "scale_layers.py"
-    plugin.write_text(Path(EXAMPLE_PLUGIN).read_text().replace(
+    plugin.write_text(Path(EXAMPLE_PLUGIN[1]).read_text().replace(
         "def gpurnn_layer_exports", "def not_an_export_hook"))  # the same layers, no exports
     out = tmp_path / "m.onnx"
     code, _, err = cli("--plugin", plugin, "export", checkpoints["plugin"], out)

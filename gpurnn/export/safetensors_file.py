@@ -75,6 +75,8 @@ def decode(content, path):
         header = json.loads(content[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         refuse(f"its header is not UTF-8 JSON ({exc})")
+    except RecursionError:
+        refuse("its header nests too deeply")
     if not isinstance(header, dict):
         refuse("its header is not a JSON object")
     metadata = header.pop(METADATA, {})

@@ -94,8 +94,8 @@ def checked_args(args, registry, where):
             raise ExportError(f"{where}: the RNNModel arguments have no {key}")
         value = args[key]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            wanted = {str: "string", int: "integer", bool: "true or false"}.get(kind, "number")
-            raise ExportError(f"{where}: RNNModel argument {key} is {value!r}, not a {wanted}")
+            wanted = {str: "a string", int: "an integer", bool: "true or false"}.get(kind, "a number")
+            raise ExportError(f"{where}: RNNModel argument {key} is {value!r}, not {wanted}")
     known = recurrent_exports(registry)
     if args["rnn_type"] not in known:
         raise ExportError(f"{where}: unknown rnn_type {args['rnn_type']!r}; gpurnn has {', '.join(sorted(known))}")
@@ -124,9 +124,9 @@ def model_from_torch(tensors, args, registry, backend, where):
     """A gpurnn Model (evaluation mode) holding RNNModel's weights `tensors`, built with `args` (as
     `checked_args` returns them).
 
-    Refuses a missing, unexpected, misshapen, non-float or non-finite tensor. When tied, decoder.weight
-    may be left out (safetensors' save_model drops the shared copy), but if present must equal
-    encoder.weight.
+    Refuses a missing, unexpected, misshapen, non-float or non-finite tensor. When tied, one of
+    encoder.weight and decoder.weight may be left out (safetensors' save_model keeps one name of a
+    shared tensor), but if both are there they must be equal.
     """
     layer_type, export = recurrent_exports(registry)[args["rnn_type"]]
     specs = recurrent_lm(layer_type, args["ninp"], args["nhid"], args["nlayers"], args["dropout"] or None,
@@ -135,8 +135,9 @@ def model_from_torch(tensors, args, registry, backend, where):
     described = (f"RNNModel({args['rnn_type']}, ntoken={args['ntoken']}, ninp={args['ninp']}, nhid={args['nhid']}, "
                  f"nlayers={args['nlayers']})")
     shapes = expected_shapes(args, len(export.gates.split(",")) if export.gates else 1)
-    if args["tie_weights"] and "decoder.weight" not in tensors and "encoder.weight" in tensors:
-        tensors = {**tensors, "decoder.weight": tensors["encoder.weight"]}
+    if args["tie_weights"]:
+        shared = tensors.get("encoder.weight", tensors.get("decoder.weight"))
+        tensors = {"encoder.weight": shared, "decoder.weight": shared, **tensors}
     for name, shape in shapes.items():
         value = tensors.get(name)
         if value is None:
