@@ -1,6 +1,7 @@
 """Shared by the export tests: a tiny corpus, and checkpoints of each model kind whose every parameter
 (biases included) holds random values, so that a misplaced gate block or bias cannot go unseen."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,70 +15,21 @@ from gpurnn.train.job import model_from_checkpoint
 from .faultkit import cli
 
 WORDS = "the cat dog sat ran on under a mat tree house and then slept ate".split()
-GRU_CONFIG = """
-[[layers]]
-type = "embedding"
-size = 8
-
-[[layers]]
-type = "gru"
-hidden_size = 12
-
-[[layers]]
-type = "gru"
-hidden_size = 12
-
-[[layers]]
-type = "affine"
-
-[[layers]]
-type = "softmax_loss"
-"""
 EXAMPLE_PLUGIN = ["--plugin", str(Path(__file__).parent / "plugin_pkg" / "gpurnn_example_layers.py")]
-RELU_CONFIG = """
-[[layers]]
-type = "embedding"
-size = 8
-
-[[layers]]
-type = "relu_rnn"
-hidden_size = 12
-
-[[layers]]
-type = "affine"
-
-[[layers]]
-type = "softmax_loss"
-"""
-PLUGIN_CONFIG = """
-[[layers]]
-type = "embedding"
-size = 8
-
-[[layers]]
-type = "relu_rnn"
-hidden_size = 12
-
-[[layers]]
-type = "residual"
-
-[[layers]]
-type = "affine"
-
-[[layers]]
-type = "softmax_loss"
-"""
-# `gpurnn train` options of each model kind; the keys are what the tests are parametrized over.
+EMBEDDING, AFFINE, LOSS = {"type": "embedding", "size": 8}, {"type": "affine"}, {"type": "softmax_loss"}
+# Each model kind as `gpurnn train` options or as the layer specs of a model config; the keys are
+# what the tests are parametrized over.
 MODELS = {
     "simple-rnnlm": ["--model", "simple-rnnlm", "--wordvec-size", 8, "--hidden-size", 12],
     "rnnlm": ["--model", "rnnlm", "--wordvec-size", 8, "--hidden-size", 12],
     "better-rnnlm": ["--model", "better-rnnlm", "--wordvec-size", 12, "--hidden-size", 12],  # 2 layers, tied
-    "gru": ["--model-config", GRU_CONFIG],
+    "gru": [EMBEDDING, {"type": "gru", "hidden_size": 12}, {"type": "gru", "hidden_size": 12}, AFFINE, LOSS],
 }
 
 
 # Models of the example plugin's layer types (relu_rnn, residual), which need EXAMPLE_PLUGIN loaded.
-PLUGIN_MODELS = {"relu": ["--model-config", RELU_CONFIG], "plugin": ["--model-config", PLUGIN_CONFIG]}
+PLUGIN_MODELS = {"relu": [EMBEDDING, {"type": "relu_rnn", "hidden_size": 12}, AFFINE, LOSS],
+                 "plugin": [EMBEDDING, {"type": "relu_rnn", "hidden_size": 12}, {"type": "residual"}, AFFINE, LOSS]}
 
 
 def all_checkpoints(folder):
@@ -105,14 +57,19 @@ def tiny_corpus(folder):
     return corpus
 
 
+def model_config(specs):
+    """The TOML text of a model config holding `specs`, a list of layer specs."""
+    return "\n".join("[[layers]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in spec.items())
+                     for spec in specs)
+
+
 def random_checkpoint(folder, kind, corpus, options, plugin=()):
-    """A checkpoint of model `kind` (train options `options`; a model config given as its text) after 2
-    iterations, its parameters then replaced by N(0, 0.5) draws."""
-    options = list(options)
-    if "--model-config" in options:
+    """A checkpoint of model `kind` (`options`: train options, or layer specs) after 2 iterations, its
+    parameters then replaced by N(0, 0.5) draws."""
+    if isinstance(options[0], dict):
         config = folder / f"{kind}.toml"
-        config.write_text(options[options.index("--model-config") + 1])
-        options[options.index("--model-config") + 1] = config
+        config.write_text(model_config(options))
+        options = ["--model-config", config]
     ck = folder / f"{kind}.h5"
     code, _, err = cli(*plugin, "train", corpus, *options, "--max-iters", 2, "--batch-size", 2, "--time-size", 5,
                        "--quiet", "--checkpoint", ck)

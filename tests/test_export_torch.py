@@ -4,6 +4,8 @@ The round trip scores bit for bit; PyTorch's own modules, loaded from the file, 
 a model trained in PyTorch (two biases each) imports to the same logits; bad files are one line."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from gpurnn.export.safetensors_file import read_safetensors, write_safetensors
 from gpurnn.train.checkpoint import load_checkpoint
 
-from .exportkit import MODELS, PLUGIN_MODELS, all_checkpoints, gpurnn_model, plugins_of, relative_difference
+from .exportkit import AFFINE, EMBEDDING, LOSS, MODELS, all_checkpoints, gpurnn_model, model_config, plugins_of, \
+    relative_difference
 from .faultkit import assert_one_line_error, cli, litter
 
 LOGIT_TOLERANCE = 1e-5
@@ -134,11 +137,13 @@ def rnn_model_set(**values):
 
 @pytest.mark.parametrize("change, fragment", [
     (lambda t, m: t.update({"rnn.weight_hh_l0": t["rnn.weight_hh_l0"][:, :-1]}),
-     "tensor 'rnn.weight_hh_l0' has shape (48, 11); RNNModel(LSTM, ntoken=17, ninp=8, nhid=12, nlayers=1) needs (48, 12)"),
+     "tensor 'rnn.weight_hh_l0' has shape (48, 11); RNNModel(LSTM, ntoken=17, ninp=8, nhid=12, nlayers=1) "
+     "needs (48, 12)"),
     (lambda t, m: t.pop("rnn.bias_hh_l0"), "has no tensor 'rnn.bias_hh_l0', which RNNModel(LSTM"),
     (lambda t, m: t.update({"rnn.weight_ih_l1": t["rnn.weight_ih_l0"]}), "tensor 'rnn.weight_ih_l1' has no place in"),
     (lambda t, m: t["decoder.bias"].__setitem__(0, np.nan), "tensor 'decoder.bias' is not finite floating point"),
-    (lambda t, m: t.update({"decoder.bias": t["decoder.bias"].astype(np.int64)}), "is not finite floating point (int64)"),
+    (lambda t, m: t.update({"decoder.bias": t["decoder.bias"].astype(np.int64)}),
+     "is not finite floating point (int64)"),
     (rnn_model_set(rnn_type="RNN_RELU"), "unknown rnn_type 'RNN_RELU'; gpurnn has GRU, LSTM, RNN_TANH"),
     (rnn_model_set(nlayers=0), "RNNModel argument nlayers must be positive, not 0"),
     (rnn_model_set(nhid="12"), "RNNModel argument nhid is '12', not an integer"),
@@ -178,9 +183,8 @@ def test_a_model_pytorchs_rnnmodel_cannot_hold_is_refused_in_one_line(made, tmp_
     if kind == "mixed":
         ck = tmp_path / "mixed.h5"
         config = tmp_path / "mixed.toml"
-        config.write_text('[[layers]]\ntype = "embedding"\nsize = 8\n[[layers]]\ntype = "lstm"\nhidden_size = 12\n'
-                          '[[layers]]\ntype = "lstm"\nhidden_size = 8\n[[layers]]\ntype = "affine"\n'
-                          '[[layers]]\ntype = "softmax_loss"\n')
+        config.write_text(model_config([EMBEDDING, {"type": "lstm", "hidden_size": 12},
+                                        {"type": "lstm", "hidden_size": 8}, AFFINE, LOSS]))
         code, _, err = cli("train", made[0], "--model-config", config, "--max-iters", 1, "--batch-size", 2,
                            "--time-size", 5, "--quiet", "--checkpoint", ck)
         assert code == 0, err
@@ -262,8 +266,8 @@ def test_a_model_made_in_pytorch_imports_to_its_logits_and_scores(made, tmp_path
 
     corpus = made[0]
     torch.manual_seed(0)
-    args = {"rnn_type": rnn_type, "ntoken": 17, "ninp": 12, "nhid": 12, "nlayers": nlayers, "dropout": 0.2 * (nlayers > 1),
-            "tie_weights": tie}
+    args = {"rnn_type": rnn_type, "ntoken": 17, "ninp": 12, "nhid": 12, "nlayers": nlayers,
+            "dropout": 0.2 * (nlayers > 1), "tie_weights": tie}
     module = rnn_model_class(torch)(**args)  # PyTorch's initialisation: both biases non-zero
     path = tmp_path / "theirs.safetensors"
     save_model(module, str(path), metadata={"rnn_model": json.dumps(args)})  # tied: keeps one copy
@@ -276,3 +280,11 @@ def test_a_model_made_in_pytorch_imports_to_its_logits_and_scores(made, tmp_path
     code, out, err = cli("eval", tmp_path / "ours.h5", corpus, "--json")
     assert code == 0 and 1 < json.loads(out)["perplexity"], err
     assert cli("generate", tmp_path / "ours.h5", "--length", 5)[0] == 0
+
+
+def test_importing_gpurnn_and_collecting_exports_imports_no_other_framework():
+    code = ("import sys, gpurnn, gpurnn.cli, gpurnn.export.commands; from gpurnn.registry import Registry; "
+            "Registry().layer_exports; print(sorted(m for m in ('onnx', 'onnxruntime', 'torch', 'safetensors', "
+            "'cupy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

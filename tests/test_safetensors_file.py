@@ -18,8 +18,8 @@ from safetensors import safe_open  # noqa: E402
 
 ARRAYS = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) / 7, "d": np.linspace(-1, 1, 5),
           "h": np.array([1.5, -2.25], np.float16), "ids": np.array([[1, -2], [3, 4]], np.int64),
-          "bytes": np.arange(3, dtype=np.uint8), "flags": np.array([True, False]), "empty": np.zeros((0, 3), np.float32),
-          "scalar": np.array(2.5, np.float32)}
+          "bytes": np.arange(3, dtype=np.uint8), "flags": np.array([True, False]),
+          "empty": np.zeros((0, 3), np.float32), "scalar": np.array(2.5, np.float32)}
 
 
 def assert_same(a, b):
