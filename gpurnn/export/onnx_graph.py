@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ExportError, GpurnnError, PluginError
 from .layer import host_params
 
-OPSET = 17  # the ONNX opset the graphs declare (ONNX 1.12 and later; ONNX Runtime 1.12 and later)
+OPSET = 17  # the ONNX opset the graphs declare (it came with ONNX 1.12; tested: onnx 1.23.2, ONNX Runtime 1.32.0)
 IDS, LOGITS = "ids", "logits"
 BATCH, TIME = "batch", "time"  # the names of the dynamic dimensions
 NEXT = ".next"  # added to a state input's name to name the state the block leaves
