@@ -541,6 +541,47 @@ def strip(checkpoint, output):
     click.echo(f"wrote {output} without optimizer state: {size_text(before)} -> {size_text(after)}")
 
 
+@cli.command(cls=SectionCommand)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torch"]), default=None,
+              show_default="from OUTPUT's suffix: .onnx or .safetensors",
+              help="onnx: an ONNX graph for inference (needs gpurnn[onnx]); torch: the weights under the names "
+                   "of PyTorch's word_language_model RNNModel, as safetensors.")
+@runtime_options
+@click.pass_context
+def export(ctx, checkpoint, output, fmt):
+    """Write CHECKPOINT's model for other tools: an ONNX graph or PyTorch-named safetensors weights.
+
+    The ONNX graph takes `ids` (int64, batch x time) and each recurrent layer's state (`lstm1.h`, ...;
+    zeros to start) and gives `logits` and the new states (`lstm1.h.next`, ...): feed those back to
+    stream a long text block by block.
+    """
+    from .export.commands import export_checkpoint
+
+    summary = export_checkpoint(checkpoint, output, registry_from(ctx), fmt)
+    click.echo(f"wrote {output}, {size_text(Path(output).stat().st_size)}: {summary}")
+
+
+@cli.command("import-torch", cls=SectionCommand)
+@click.argument("state", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--vocab", type=click.Path(dir_okay=False), show_default="the file's vocab metadata",
+              help="The vocabulary in id order: a gpurnn corpus (.h5) or a text file of one token per line.")
+@runtime_options
+@click.pass_context
+def import_torch(ctx, state, output, vocab):
+    """Make a gpurnn checkpoint OUTPUT from PyTorch RNNModel weights in the safetensors file STATE.
+
+    STATE's metadata must hold RNNModel's constructor arguments as JSON (`rnn_model`), as `gpurnn export
+    --format torch` writes. OUTPUT has no optimizer state: eval and generate take it.
+    """
+    from .export.commands import import_torch as import_state
+
+    summary = import_state(state, output, registry_from(ctx), vocab)
+    click.echo(f"wrote {output}: {summary}")
+
+
 def size_text(size):
     """A file size in binary units and in bytes ("3.6 MiB (3,771,234 bytes)"); below 1 KiB bytes alone."""
     units = ("bytes", "KiB", "MiB", "GiB", "TiB")

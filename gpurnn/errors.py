@@ -27,3 +27,7 @@ class DataError(GpurnnError):
 
 class CheckpointError(GpurnnError):
     """A checkpoint is missing, corrupt or does not match what it is used with."""
+
+
+class ExportError(GpurnnError):
+    """A model cannot be written in, or read from, another framework's format (ONNX, PyTorch's names)."""

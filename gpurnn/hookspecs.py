@@ -49,3 +49,37 @@ def gpurnn_layer_types() -> Mapping[str, type[LayerContract]]:
         def gpurnn_layer_types():
             return {"scaled_tanh": ScaledTanh}
     """
+
+
+@hookspec
+def gpurnn_layer_exports() -> Mapping[str, object]:
+    """Return how this plugin's layer types are written out for other frameworks, as
+    ``{type name: export}``.
+
+    Called when a model is exported (``gpurnn export``), not before. An export is an object with a
+    method ``onnx(graph, name, layer, x)``: it adds the layer's inference nodes to ``graph`` (a
+    `gpurnn.export.onnx_graph.OnnxGraph`: ``graph.param(name, key)`` is the initializer of one of the
+    layer's parameters, ``graph.node(op_type, inputs, **attributes)`` adds a node and returns its
+    output's name) and returns the name of the value holding the layer's output, x being the name of
+    its input (batch, time, features; token ids for a layer that reads them). `gpurnn.export.LayerExport`
+    makes one from such a function; `gpurnn.export.RecurrentExport` is the export of a recurrent layer
+    that ONNX's RNN, LSTM or GRU operator computes, and also maps it into PyTorch's RNNModel.
+
+    A layer type no plugin exports is refused by ``gpurnn export`` with one line naming it; a type
+    exported by two plugins, or an export without an ``onnx`` method, is a `gpurnn.errors.PluginError`.
+
+    Use in plugins
+    ==============
+
+    ::
+
+        from gpurnn.export import LayerExport
+        from gpurnn.hookspecs import hookimpl
+
+        def scaled_tanh_onnx(graph, name, layer, x):
+            return graph.node("Tanh", [graph.node("Mul", [x, graph.param(name, "scale")])])
+
+        @hookimpl
+        def gpurnn_layer_exports():
+            return {"scaled_tanh": LayerExport(scaled_tanh_onnx)}
+    """

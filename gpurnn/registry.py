@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pluggy
@@ -42,6 +43,14 @@ class LayerType:
     def provenance(self):
         """Where this type came from, as checkpoints record it: {"plugin", "distribution", "version"}."""
         return {"plugin": self.plugin, "distribution": self.distribution, "version": self.version}
+
+
+@dataclass(frozen=True)
+class ExportEntry:
+    """A layer type's export (see `hookspecs.gpurnn_layer_exports`) and the plugin that provides it."""
+
+    export: object
+    plugin: str
 
 
 def plugin_modules_from_env():
@@ -95,18 +104,23 @@ class Registry:
         except Exception as exc:
             raise PluginError(f"plugin {name!r} could not be registered: {exc}") from exc
 
-    def _collect_layer_types(self):
-        found = {}
-        for impl in self.pm.hook.gpurnn_layer_types.get_hookimpls():
+    def _hook_results(self, hook, what):
+        """(plugin name, {type name: value}) from every plugin implementing `hook`, checked to be a dict
+        of `what` ("layer class")."""
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
             plugin = impl.plugin_name
             try:
                 provided = impl.function()
             except Exception as exc:
-                raise PluginError(f"plugin {plugin!r} raised in gpurnn_layer_types: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise PluginError(f"plugin {plugin!r} raised in {hook}: {type(exc).__name__}: {exc}") from exc
             if not isinstance(provided, dict):
-                raise PluginError(f"plugin {plugin!r}: gpurnn_layer_types must return a dict of "
-                                  f"name -> layer class, got {type(provided).__name__}")
+                raise PluginError(f"plugin {plugin!r}: {hook} must return a dict of "
+                                  f"name -> {what}, got {type(provided).__name__}")
+            yield plugin, provided
+
+    def _collect_layer_types(self):
+        found = {}
+        for plugin, provided in self._hook_results("gpurnn_layer_types", "layer class"):
             for name, cls in provided.items():
                 check_layer_class(name, cls, plugin)
                 if name in found:
@@ -114,6 +128,21 @@ class Registry:
                                       f"{found[name].plugin!r} and {plugin!r}")
                 found[name] = LayerType(name, cls, plugin, *self.distributions.get(plugin, (None, None)))
         return dict(sorted(found.items()))
+
+    @cached_property
+    def layer_exports(self):
+        """{type name: ExportEntry} from every plugin's `gpurnn_layer_exports` hook, collected on first
+        use (only exporting needs them, so a broken export never stops other commands)."""
+        found = {}
+        for plugin, provided in self._hook_results("gpurnn_layer_exports", "export"):
+            for name, export in provided.items():
+                if not callable(getattr(export, "onnx", None)):
+                    raise PluginError(f"plugin {plugin!r}: the export of layer type {name!r} has no onnx() method")
+                if name in found:
+                    raise PluginError(f"layer type {name!r} is exported by two plugins: "
+                                      f"{found[name].plugin!r} and {plugin!r}")
+                found[name] = ExportEntry(export, plugin)
+        return found
 
     def get(self, name):
         """The LayerType called `name`, or a SpecError listing the known ones."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from gpurnn.contract import ParamLayout
 from gpurnn.errors import SpecError
+from gpurnn.export import LayerExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix, require_input_size
 from gpurnn.ops import column_sums, for_row_blocks, matmul
@@ -119,6 +120,20 @@ class TiedAffine(Layer):
         self.source.grads["W"] += self.tied_grad
 
 
+def affine_onnx(graph, name, layer, x):
+    """ONNX: MatMul then Add; a tied affine reads the embedding's initializer, transposed (stored once)."""
+    if layer.tie_to is None:
+        W = graph.param(name, "W")
+    else:
+        W = graph.node("Transpose", [graph.param(layer.tie_to, "W")], perm=[1, 0])
+    return graph.node("Add", [graph.node("MatMul", [x, W]), graph.param(name, "b")])
+
+
 @hookimpl
 def gpurnn_layer_types():
     return {"affine": TimeAffine}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    return {"affine": LayerExport(affine_onnx)}

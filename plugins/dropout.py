@@ -9,6 +9,7 @@ backward re-applies the same mask instead of storing it.
 import numpy as np
 
 from gpurnn.errors import SpecError
+from gpurnn.export import LayerExport, identity_at_inference
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, require_input_size
 from gpurnn.ops import dropout
@@ -43,3 +44,8 @@ class TimeDropout(Layer):
 @hookimpl
 def gpurnn_layer_types():
     return {"dropout": TimeDropout}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    return {"dropout": LayerExport(identity_at_inference)}  # an identity at inference: left out of the graph

@@ -1,6 +1,7 @@
 """Embedding: token ids (B, T) -> word vectors (B, T, D), a row lookup in a (V, D) table."""
 
 from gpurnn.contract import ParamLayout
+from gpurnn.export import LayerExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix
 from gpurnn.ops import scatter_add_rows
@@ -30,6 +31,16 @@ class TimeEmbedding(Layer):
         return None
 
 
+def embedding_onnx(graph, name, layer, ids):
+    """ONNX: the rows of the table, Gather(W, ids)."""
+    return graph.node("Gather", [graph.param(name, "W"), ids], axis=0)
+
+
 @hookimpl
 def gpurnn_layer_types():
     return {"embedding": TimeEmbedding}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    return {"embedding": LayerExport(embedding_onnx)}

@@ -12,18 +12,21 @@ two biases only ever appear summed, so b holds b_ih + b_hh there and b_in for n.
 
 import numpy as np
 
+from gpurnn.export import RecurrentExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.contract import ParamLayout
 from gpurnn.layers import RecurrentLayer, recurrent_layout
 from gpurnn.ops import column_sums, gru_cell, gru_cell_backward, recurrent_loop, step_matmul
+
+GATES = "r,z,n"  # PyTorch's order; ONNX's is z, r, h (its h is our n)
 
 
 class TimeGRU(RecurrentLayer):
     """GRU over T steps (PyTorch's r, z, n); carries h to the next block (truncated BPTT)."""
 
     param_layout = {
-        **recurrent_layout("r,z,n"),
-        "b": ParamLayout("added to x_t @ Wx: b_ih + b_hh for r and z, b_in for n", "3*hidden", "r,z,n"),
+        **recurrent_layout(GATES),
+        "b": ParamLayout("added to x_t @ Wx: b_ih + b_hh for r and z, b_in for n", "3*hidden", GATES),
         "bhn": ParamLayout("n = tanh(x_t @ Wx_n + b_n + r * (h_{t-1} @ Wh_n + bhn))", "hidden"),
     }
 
@@ -74,3 +77,11 @@ class TimeGRU(RecurrentLayer):
 @hookimpl
 def gpurnn_layer_types():
     return {"gru": TimeGRU}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    """ONNX's GRU with linear_before_reset = 1 (the reset gate scales h_{t-1} Wh_n + bhn, PyTorch's
+    formulation; gates reordered to z, r, h) and PyTorch's nn.GRU (whose b_hn is bhn)."""
+    return {"gru": RecurrentExport("GRU", "GRU", gates=GATES, onnx_gates="z,r,n", hidden_bias="bhn",
+                                   onnx_attributes={"linear_before_reset": 1})}

@@ -8,16 +8,19 @@ Gate order i, f, g, o (PyTorch's, so its weights map over without reordering):
 Wx (D, 4H), Wh (H, 4H), b (4H,). PyTorch's two biases b_ih + b_hh are one bias here.
 """
 
+from gpurnn.export import RecurrentExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import RecurrentLayer, recurrent_layout
 from gpurnn.ops import lstm_backward_factors, lstm_cell, lstm_cell_backward, recurrent_loop, step_matmul
+
+GATES = "i,f,g,o"  # PyTorch's order; ONNX's is i, o, f, c (its c is our g)
 
 
 class TimeLSTM(RecurrentLayer):
     """LSTM over T steps (gates i, f, g, o); carries h and c to the next block (truncated BPTT)."""
 
     state_names = ("h", "c")
-    param_layout = recurrent_layout("i,f,g,o")
+    param_layout = recurrent_layout(GATES)
 
     def __init__(self, ctx, hidden_size=100, stateful=True, init_wx="default", init_wh="default"):
         super().__init__(ctx, "lstm", 4, hidden_size, stateful, init_wx, init_wh)
@@ -71,3 +74,9 @@ class TimeLSTM(RecurrentLayer):
 @hookimpl
 def gpurnn_layer_types():
     return {"lstm": TimeLSTM}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    """ONNX's LSTM (gates reordered to i, o, f, c) and PyTorch's nn.LSTM (the same order as here)."""
+    return {"lstm": RecurrentExport("LSTM", "LSTM", gates=GATES, onnx_gates="i,o,f,g")}

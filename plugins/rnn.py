@@ -1,5 +1,6 @@
 """The Elman RNN: h_t = tanh(h_{t-1} Wh + x_t Wx + b), stateful across truncated-BPTT blocks."""
 
+from gpurnn.export import RecurrentExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import RecurrentLayer, recurrent_layout
 from gpurnn.ops import rnn_cell, rnn_cell_backward, recurrent_loop, step_matmul
@@ -47,3 +48,9 @@ class TimeRNN(RecurrentLayer):
 @hookimpl
 def gpurnn_layer_types():
     return {"rnn": TimeRNN}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    """ONNX's RNN (tanh, its default) and PyTorch's nn.RNN (RNNModel's RNN_TANH)."""
+    return {"rnn": RecurrentExport("RNN", "RNN_TANH")}

@@ -154,3 +154,42 @@ def test_layer_with_mismatched_params_and_grads_is_refused(tmp_path, np64):
 def test_missing_plugin_file():
     with pytest.raises(PluginError, match="no such file"):
         Registry(plugins=["./nowhere/plugin.py"])
+
+
+BROKEN_EXPORTS = {
+    "export_duplicate": ('''
+        from gpurnn.export import LayerExport
+        from gpurnn.hookspecs import hookimpl
+        @hookimpl
+        def gpurnn_layer_exports():
+            return {"rnn": LayerExport(lambda graph, name, layer, x: x)}
+        ''', "'rnn' is exported by two plugins: 'gpurnn_plugins.rnn' and"),
+    "export_without_onnx": ('''
+        from gpurnn.hookspecs import hookimpl
+        @hookimpl
+        def gpurnn_layer_exports():
+            return {"rnn": object()}
+        ''', "the export of layer type 'rnn' has no onnx"),
+    "export_hook_raises": ('''
+        from gpurnn.hookspecs import hookimpl
+        @hookimpl
+        def gpurnn_layer_exports():
+            raise RuntimeError("boom")
+        ''', "raised in gpurnn_layer_exports: RuntimeError: boom"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_EXPORTS))
+def test_broken_exports_are_errors_naming_the_plugin_when_exporting_only(tmp_path, name):
+    body, message = BROKEN_EXPORTS[name]
+    registry = Registry(plugins=[str(write_plugin(tmp_path, name, body))])  # other commands are unaffected
+    assert "rnn" in registry.layer_types
+    with pytest.raises(PluginError, match=message) as info:
+        registry.layer_exports
+    assert name in str(info.value)
+
+
+def test_every_built_in_layer_type_but_the_loss_has_an_export(registry):
+    assert sorted(registry.layer_exports) == ["affine", "dropout", "embedding", "gru", "lstm", "rnn"]
+    assert {entry.plugin for entry in registry.layer_exports.values()} == {
+        f"gpurnn_plugins.{name}" for name in ("affine", "dropout", "embedding", "gru", "lstm", "rnn")}

@@ -1,8 +1,9 @@
-"""Two gpurnn layers: a ReLU RNN (stateful, on RecurrentLayer) and a residual tanh layer."""
+"""Two gpurnn layers: a ReLU RNN (stateful, on RecurrentLayer) and a residual tanh layer; and their exports."""
 
 import numpy as np
 
 from gpurnn.contract import ParamLayout
+from gpurnn.export import LayerExport, RecurrentExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, RecurrentLayer, init_matrix, recurrent_layout, require_input_size
 
@@ -65,6 +66,19 @@ class Residual(Layer):
         return dout + (da @ self.params["W"].T).reshape(dout.shape)
 
 
+def residual_onnx(graph, name, layer, x):
+    """The residual layer as ONNX nodes: x + Tanh(MatMul(x, W) + b), W and b as initializers."""
+    projected = graph.node("Add", [graph.node("MatMul", [x, graph.param(name, "W")]), graph.param(name, "b")])
+    return graph.node("Add", [x, graph.node("Tanh", [projected])])
+
+
 @hookimpl
 def gpurnn_layer_types():
     return {"relu_rnn": ReluRNN, "residual": Residual}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    # ONNX's RNN operator with ReLU computes relu_rnn; so does PyTorch's nn.RNN(nonlinearity="relu").
+    return {"relu_rnn": RecurrentExport("RNN", "RNN_RELU", onnx_attributes={"activations": ["Relu"]}),
+            "residual": LayerExport(residual_onnx)}
