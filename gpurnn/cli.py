@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from . import jsontext
 from .backend import BACKEND_NAMES, get_backend, probe_cupy
 from .errors import GpurnnError
+from .memory import out_of_memory_error, size_text
 from .model import PRESETS
 from .registry import Registry
 from .train.parallel import on_every_rank, world
@@ -582,13 +583,6 @@ def import_torch(ctx, state, output, vocab):
     click.echo(f"wrote {output}: {summary}")
 
 
-def size_text(size):
-    """A file size in binary units and in bytes ("3.6 MiB (3,771,234 bytes)"); below 1 KiB bytes alone."""
-    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
-    power = min(max(size.bit_length() - 1, 0) // 10, len(units) - 1)
-    return f"{size:,} bytes" if power == 0 else f"{size / 1024 ** power:.1f} {units[power]} ({size:,} bytes)"
-
-
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
     try:
@@ -598,9 +592,11 @@ def main(argv=None):
     except click.Abort:
         click.echo("aborted", err=True)
         return 130
-    except (GpurnnError, click.ClickException) as exc:
+    except (GpurnnError, click.ClickException, MemoryError) as exc:
         if debug_requested(argv):
             raise
+        if isinstance(exc, MemoryError):  # an allocation no guard of gpurnn.memory named
+            exc = out_of_memory_error(exc, "", "the sizes the command was given")
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         click.echo(f"gpurnn: error: {message}", err=True)
         ctx = getattr(exc, "ctx", None)

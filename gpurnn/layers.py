@@ -140,8 +140,9 @@ class RecurrentLayer(Layer):
         super().__init__(ctx)
         in_size = require_input_size(ctx, layer_type)
         H = self.output_size = int(hidden_size)
-        self.add_param("Wx", init_matrix(ctx.rng, (in_size, gates * H), init_wx, in_size))
-        self.add_param("Wh", init_matrix(ctx.rng, (H, gates * H), init_wh, H))
+        dtype = ctx.backend.dtype
+        self.add_param("Wx", init_matrix(ctx.rng, (in_size, gates * H), init_wx, in_size, dtype))
+        self.add_param("Wh", init_matrix(ctx.rng, (H, gates * H), init_wh, H, dtype))
         self.add_param("b", np.zeros(gates * H))
         self.carry = stateful
         self.state = {}
@@ -218,28 +219,42 @@ def require_input_size(ctx, layer_type):
     return ctx.input_size
 
 
-def init_matrix(rng, shape, scheme, fan_in):
-    """An initial weight matrix on the host (float64; the layer casts it to the backend dtype).
+INIT_BLOCK = 1 << 20  # initial values drawn (in float64) at a time, then cast
+
+
+def init_matrix(rng, shape, scheme, fan_in, dtype=np.float64):
+    """An initial weight matrix on the host, in `dtype` (pass the layer's: `ctx.backend.dtype`).
 
     Schemes: ``default`` the textbook's N(0,1)/sqrt(fan_in); ``normal:S`` N(0,1)*S; ``uniform:A``
     U(-A, A); ``xavier`` U(+-sqrt(6/(fan_in+fan_out))); ``orthogonal`` a (semi-)orthogonal matrix.
+    The values are drawn in float64 INIT_BLOCK at a time and cast block by block: the numbers of one
+    float64 draw of the whole matrix, without holding a float64 copy of it (a large float32 matrix
+    needs only its own memory). ``orthogonal`` needs the whole float64 matrix for its QR.
     """
     name, _, arg = str(scheme).partition(":")
-    if name == "default":
-        return rng.standard_normal(shape) / np.sqrt(fan_in)
-    if name == "normal":
-        return rng.standard_normal(shape) * _scheme_number(scheme, arg)
-    if name == "uniform":
-        bound = _scheme_number(scheme, arg)
-        return rng.uniform(-bound, bound, shape)
-    if name == "xavier":
-        bound = np.sqrt(6.0 / (shape[0] + shape[1]))
-        return rng.uniform(-bound, bound, shape)
     if name == "orthogonal":
         a = rng.standard_normal((max(shape), min(shape)))
         q, r = np.linalg.qr(a)
         q *= np.sign(np.diag(r))
-        return q if shape[0] >= shape[1] else q.T
+        return (q if shape[0] >= shape[1] else q.T).astype(dtype, copy=False)
+    draw = _initial_values(rng, name, arg, shape, fan_in, scheme)
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, INIT_BLOCK):
+        flat[start:start + INIT_BLOCK] = draw(min(INIT_BLOCK, flat.size - start))
+    return out
+
+
+def _initial_values(rng, name, arg, shape, fan_in, scheme):
+    """draw(n): the next n float64 values of a scheme other than orthogonal."""
+    if name == "default":
+        return lambda n: rng.standard_normal(n) / np.sqrt(fan_in)
+    if name == "normal":
+        scale = _scheme_number(scheme, arg)
+        return lambda n: rng.standard_normal(n) * scale
+    if name in ("uniform", "xavier"):
+        bound = _scheme_number(scheme, arg) if name == "uniform" else np.sqrt(6.0 / (shape[0] + shape[1]))
+        return lambda n: rng.uniform(-bound, bound, n)
     raise SpecError(f"unknown init scheme {scheme!r}; use default, normal:S, uniform:A, xavier or orthogonal")
 
 

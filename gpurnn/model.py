@@ -19,6 +19,7 @@ import numpy as np
 from .contract import GENERIC_LAYOUT
 from .errors import SpecError
 from .layers import LayerContext, layer_repr
+from .memory import LOWER_MODEL, out_of_memory
 from .registry import check_spec
 
 
@@ -111,10 +112,11 @@ class Model:
         self.step_counter = backend.xp.zeros(1, np.uint32)  # the training iteration, for dropout masks
         self.layers = []
         size = None
-        for index, spec in enumerate(self.specs):
+        for index, (name, spec) in enumerate(zip(self.names, self.specs)):
             ctx = LayerContext(backend, rng, size, self.vocab_size, seed=self.seed, step=self.step_counter,
                                index=index, first_lane=first_lane)
-            layer = registry.build_layer(spec, ctx)
+            with out_of_memory(f"building the model's layer {name!r}", LOWER_MODEL):
+                layer = registry.build_layer(spec, ctx)
             self.layers.append(layer)
             size = getattr(layer, "output_size", size)
         if not self.layers[-1].is_loss:
@@ -127,7 +129,8 @@ class Model:
             raise SpecError(f"the first layer must read token ids (such as embedding), "
                             f"not {self.specs[0]['type']!r}")
         self.tied = self._tie_layers()
-        self.flat_params, self.flat_grads = self._flatten()
+        with out_of_memory("for the model's parameters and gradients", LOWER_MODEL):
+            self.flat_params, self.flat_grads = self._flatten()
 
     def _flatten(self):
         """Move every layer's parameters and gradients into two flat buffers, layer by layer."""

@@ -36,8 +36,8 @@ class TimeAffine(Layer):
         super().__init__(ctx)
         self.in_size = require_input_size(ctx, "affine")
         self.output_size = int(output_size or ctx.vocab_size)
-        W = init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size)
-        self.Wb = self.xp.asarray(np.vstack([W, np.zeros((1, self.output_size))]), dtype=self.backend.dtype)
+        W = init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size, ctx.backend.dtype)
+        self.Wb = self.xp.asarray(np.vstack([W, np.zeros((1, self.output_size), W.dtype)]), dtype=self.backend.dtype)
         self.adopt_buffers(self.Wb.reshape(-1), self.xp.zeros(self.Wb.size, self.Wb.dtype))
         self.x1 = None
 

@@ -1,6 +1,10 @@
 """Shared fixtures: backends, the registry, a small prepared corpus, and a skip marker for tests that need a
 CUDA device."""
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,6 +12,9 @@ from gpurnn.backend import get_backend, probe_cupy
 from gpurnn.registry import Registry
 
 _cupy, _why_no_cupy = probe_cupy()
+# PTB's text files, where the data-set tests look for them
+PTB_DIR = Path(os.environ.get("GPURNN_PTB_DIR", Path(__file__).parents[1] / "../shared/data/ptb"))
+needs_ptb = pytest.mark.skipif(not (PTB_DIR / "ptb.train.txt").exists(), reason=f"no PTB at {PTB_DIR}")
 requires_gpu = pytest.mark.skipif(_cupy is None, reason=f"no usable CuPy device: {_why_no_cupy}")
 
 
@@ -44,3 +51,9 @@ def write_small_corpus(folder):
     prepare_corpus(folder / "train.txt", out, valid=folder / "valid.txt", test=folder / "test.txt")
     return out
 
+
+
+def this_python_first(env):
+    """`env` with the folder of the interpreter running the tests first on PATH, so that a script's
+    `python3` and `gpurnn` are this interpreter's, activated virtual environment or not."""
+    return {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])}

@@ -132,4 +132,32 @@ def unmount(folder):
     subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
+def resize_tmpfs(folder, size):
+    """Give a tmpfs mounted by `mount_tmpfs` another size in bytes (more room, say)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+
+
+def fill(folder):
+    """Write a file that takes every free byte of the folder's file system."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def free_bytes(folder):
+    """Bytes a process may still write in the file system holding `folder`."""
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
+
+
+def pages(size, page=4096):
+    """`size` bytes rounded up to whole pages (a tmpfs gives files whole pages)."""
+    return -(-size // page) * page
+
+
 STOP_SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143), "SIGHUP": (signal.SIGHUP, 129)}

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from gpurnn.cli import size_text
 from gpurnn.lock import PathLock
+from gpurnn.memory import size_text
 from gpurnn.train.checkpoint import load_checkpoint
 
 from .faultkit import assert_one_line_error, cli, litter

@@ -9,6 +9,7 @@ import pytest
 from gpurnn.train.checkpoint import load_checkpoint
 from gpurnn.train.metrics import read_records, run_figure, run_records
 
+from .conftest import this_python_first
 from .test_train import in_tmp_path, run  # noqa: F401  (a fixture)
 
 NUMPY_TRAIN = ["--backend", "numpy", "train", "--quiet"]
@@ -225,7 +226,7 @@ def test_train_ptb_script_says_where_ptb_comes_from(tmp_path):
     import os
     import subprocess
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_ptb.sh"
-    env = {**os.environ, "GPURNN_PTB_DIR": str(tmp_path / "nowhere")}
+    env = this_python_first({**os.environ, "GPURNN_PTB_DIR": str(tmp_path / "nowhere")})
     done = subprocess.run(["bash", str(script), "rnn", str(tmp_path / "run")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"no {tmp_path / 'nowhere'}/ptb.train.txt: set GPURNN_PTB_DIR" in done.stderr

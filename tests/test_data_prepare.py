@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,8 +13,8 @@ from gpurnn.data import corpus_from_text, demo_corpus, open_corpus, prepare_corp
 from gpurnn.data import text as text_module
 from gpurnn.errors import DataError
 
-PTB_DIR = Path(os.environ.get("GPURNN_PTB_DIR", Path(__file__).parents[1] / "../shared/data/ptb"))
-needs_ptb = pytest.mark.skipif(not (PTB_DIR / "ptb.train.txt").exists(), reason=f"no PTB at {PTB_DIR}")
+from .conftest import PTB_DIR, needs_ptb
+
 
 
 def run(capsys, *args):
@@ -112,7 +111,7 @@ def test_file_layout(tmp_path):
         assert f["vocab"].dtype.kind == "O" and h5py.check_string_dtype(f["vocab"].dtype).encoding == "utf-8"
         assert list(f["vocab"].asstr()[:]) == ["héllo", "wörld", "<eos>", "<unk>"]
         train = f["train"]
-        assert train.dtype == np.int32 and train.chunks is not None and train.fletcher32
+        assert train.dtype == np.int32 and train.chunks == (3,) and train.fletcher32  # a split under 65,536 ids
         assert train.attrs["source_sha256"] == hashlib.sha256("héllo wörld\n".encode()).hexdigest()
         assert f["vocab_counts"][:].tolist() == [1, 1, 1, 0]
     assert left_in(tmp_path) == ["c.h5", "t.txt"]
@@ -323,3 +322,38 @@ def test_prepare_from_the_cli_char_level_json(tmp_path, capsys):
     code, out, _ = run(capsys, "prepare", tmp_path / "t.txt", "-o", tmp_path / "c.h5")
     assert code == 0 and "word-level corpus" in out and "vocabulary: 4 tokens" in out
     assert left_in(tmp_path) == ["c.h5", "t.txt"]
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fallocate", [True, False])
+def test_reserve_gives_the_file_its_disk_blocks(tmp_path, monkeypatch, fallocate):
+    from gpurnn.hdf5_files import reserve
+    if not fallocate:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)  # as on macOS: zeros are written
+    elif not hasattr(os, "posix_fallocate"):
+        pytest.skip("this OS has no posix_fallocate")
+    size = (3 << 20) + 5
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"layout")
+        f.flush()
+        reserve(f, size)
+    stat = os.stat(tmp_path / "f")
+    assert stat.st_size == size and stat.st_blocks * 512 >= size
+    assert (tmp_path / "f").read_bytes()[:6] == b"layout"
+
+
+def test_a_text_that_changes_between_the_two_passes_is_refused(tmp_path, monkeypatch):
+    from gpurnn.data import prepare
+    train = write(tmp_path / "train.txt", "a b c\n")
+    choose = prepare.vocab_from_counts
+
+    def choose_then_grow(*args, **kwargs):  # between counting the text and encoding it
+        with open(train, "a") as f:
+            f.write("d e\n")
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "vocab_from_counts", choose_then_grow)
+    with pytest.raises(DataError, match="train.txt: changed while it was being prepared; run prepare again"):
+        prepare_corpus(train, tmp_path / "c.h5")
+    assert left_in(tmp_path) == ["train.txt"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gpurnn.data import open_corpus
 
-from .faultkit import (SMALL_RUN, assert_good_checkpoint, assert_one_line_error, cli, litter, mount_tmpfs,
+from .faultkit import (SMALL_RUN, assert_good_checkpoint, assert_one_line_error, cli, fill, litter, mount_tmpfs,
                        train_small, unmount, unused_pid)
 
 
@@ -39,18 +39,6 @@ def full_disk(tmp_path):
         yield folder
     finally:
         unmount(folder)
-
-
-def fill(folder):
-    """Write a file that takes every free byte of the folder's file system."""
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, bytes(4096)):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -85,7 +73,7 @@ def test_a_full_disk_ends_with_the_cause_and_keeps_the_previous_checkpoint(tmp_p
     assert_one_line_error(code, err, f"cannot write metrics to {full_disk / 'm.jsonl'}: No space left on device")
     folder = corpus.parent
     code, _, err = cli("prepare", folder / "train.txt", "--valid", folder / "valid.txt", "-o", full_disk / "c.h5")
-    assert_one_line_error(code, err, "cannot write the corpus file (No space left on device)")
+    assert_one_line_error(code, err, f"cannot write the corpus file {full_disk / 'c.h5'}: No space left on device")
     assert sorted(os.listdir(full_disk)) == ["ck.h5", "filler", "m.jsonl"] or \
         sorted(os.listdir(full_disk)) == ["ck.h5", "filler"]
     assert litter(full_disk) == []

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
+from .conftest import this_python_first
 from .kernels_on_host import compiler
 from .test_parallel import WHY_NOT as WHY_NO_MPI
 
@@ -31,7 +32,7 @@ TINY = ["--model", "better-rnnlm", "--wordvec-size", "16", "--hidden-size", "16"
 def with_stand_in(args, cwd, check=True, program=(sys.executable,), **env_vars):
     """Run `python args...` (or `program args...`) with the stand-in found as `cupy`, loaded before
     gpurnn probes for it, and `env_vars` added to the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPURNN_")}
+    env = this_python_first({k: v for k, v in os.environ.items() if not k.startswith("GPURNN_")})
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "hostcupy"), str(TESTS.parent)])
     env.update({k: str(v) for k, v in env_vars.items()})
     done = subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from gpurnn.layers import LayerContext, init_matrix
+from gpurnn import layers
 from gpurnn.errors import SpecError
+from gpurnn.layers import LayerContext, init_matrix
 from gpurnn.testing import check_layer
 
 
@@ -86,6 +87,25 @@ def test_embedding_backward_sums_repeated_ids(registry, np64):
     expected = np.zeros((6, 2))
     np.add.at(expected, ids.ravel(), dout.reshape(-1, 2))  # the slow reference, fine in a test
     np.testing.assert_array_equal(emb.grads["W"], expected)
+
+
+@pytest.mark.parametrize("scheme, whole", [
+    ("default", lambda rng, shape: rng.standard_normal(shape) / np.sqrt(13)),
+    ("normal:0.5", lambda rng, shape: rng.standard_normal(shape) * 0.5),
+    ("uniform:0.2", lambda rng, shape: rng.uniform(-0.2, 0.2, shape)),
+    ("xavier", lambda rng, shape: rng.uniform(-np.sqrt(6 / 24), np.sqrt(6 / 24), shape)),
+    ("orthogonal", None)])
+def test_init_in_float32_gives_the_float64_numbers_drawn_block_by_block(monkeypatch, scheme, whole):
+    """Blocks of 7 values (ending mid-row) give one whole float64 draw's numbers, and float32 those cast."""
+    once = init_matrix(np.random.default_rng(3), (13, 11), scheme, 13)
+    if whole is not None:
+        np.testing.assert_array_equal(once, whole(np.random.default_rng(3), (13, 11)))
+    monkeypatch.setattr(layers, "INIT_BLOCK", 7)
+    blocks = init_matrix(np.random.default_rng(3), (13, 11), scheme, 13)
+    single = init_matrix(np.random.default_rng(3), (13, 11), scheme, 13, np.float32)
+    assert blocks.dtype == np.float64 and single.dtype == np.float32
+    np.testing.assert_array_equal(blocks, once)
+    np.testing.assert_array_equal(single, once.astype(np.float32))
 
 
 def test_default_init_follows_the_textbook(registry):

@@ -48,6 +48,16 @@ def test_same_seed_same_model_and_state_is_carried(registry, np64, rng):
     assert set(a.get_state()) == {"rnn.h"}
 
 
+@pytest.mark.parametrize("preset", ["simple-rnnlm", "rnnlm", "better-rnnlm"])
+def test_a_float32_model_starts_from_the_float64_models_numbers(registry, np64, preset):
+    from gpurnn.backend import get_backend
+    specs = preset_specs(preset, wordvec_size=12, hidden_size=12)
+    single, double = (Model(specs, 40, backend, registry, seed=5) for backend in (get_backend("numpy"), np64))
+    for name, value in single.params.items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, double.params[name].astype(np.float32), err_msg=name)
+
+
 def test_initial_loss_is_near_log_vocab(registry, rng):
     from gpurnn.backend import get_backend
     model = Model(preset_specs("simple-rnnlm"), 1000, get_backend("numpy"), registry)

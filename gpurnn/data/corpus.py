@@ -149,10 +149,10 @@ def open_corpus(path):
 
 
 def _read_corpus(file, path):
-    attrs = file.attrs
-    if attrs.get("format") != FORMAT_NAME:
-        raise DataError(f"{path}: not a gpurnn corpus file (no format={FORMAT_NAME!r} attribute)")
     try:
+        attrs = file.attrs  # reads the root object: a damaged one raises here
+        if attrs.get("format") != FORMAT_NAME:
+            raise DataError(f"{path}: not a gpurnn corpus file (no format={FORMAT_NAME!r} attribute)")
         version = int(attrs["format_version"])
         if version > FORMAT_VERSION:
             raise DataError(f"{path}: corpus format version {version} is newer than this gpurnn reads "

@@ -1,44 +1,67 @@
 """`prepare`: text files -> a corpus file (HDF5), streamed so memory does not grow with the corpus.
 
-Two passes over the train text: count tokens to choose the vocabulary, then encode every split chunk by
-chunk, appending to chunked int32 datasets. The file is written under a temporary name and renamed, so
-an error or a crash leaves no output file behind.
+Two passes over every text: the first counts its tokens and takes its SHA-256 (the train text's counts
+choose the vocabulary), the second encodes it chunk by chunk into its int32 dataset. Knowing every
+split's length before writing lets the whole layout be made first and the disk space for the ids be
+reserved before HDF5 writes them (`gpurnn.hdf5_files.reserved_hdf5`): a disk too full for the corpus
+is one line and no file, never a crash inside HDF5. The file is written under a temporary name and
+renamed, so an error or a crash leaves no output file behind.
 """
 
 import hashlib
+import math
 import os
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path, check_output_path, os_error_cause
+from ..atomic import check_output_path, os_error_cause
 from ..errors import DataError, GpurnnError
+from ..hdf5_files import reserved_hdf5
 from .corpus import FORMAT_NAME, FORMAT_VERSION, check_split_length
 from .text import EOS, SPECIAL_TOKENS, check_level, check_text_file, read_chunks, tokenize
-from .vocab import vocab_from_text
+from .vocab import check_vocab_options, count_tokens, vocab_from_counts
 
 HDF5_CHUNK_IDS = 1 << 16  # 256 KiB of int32 per HDF5 chunk (large sequential reads), each checksummed
+# Disk a stored chunk takes beyond its ids: the Fletcher-32 checksum (4 bytes) and its entry in the
+# split's chunk index, with room to spare; and per split, the index's own header and blocks.
+CHUNK_EXTRA_BYTES = 64
+SPLIT_EXTRA_BYTES = 1 << 14
+
+
+@dataclass
+class Text:
+    """One split's text file as the first pass saw it: its token counts, SHA-256 and size."""
+
+    path: str
+    counts: dict
+    sha256: str
+    size: int
+
+    @property
+    def tokens(self):
+        return sum(self.counts.values())
 
 
 def prepare_corpus(train, output, valid=None, test=None, level="word", vocab_size=None, min_count=1):
     """Tokenize the text files, build the vocabulary from `train`, and write the corpus file `output`."""
     check_level(level)
+    check_vocab_options(vocab_size, min_count)
     sources = {name: os.fspath(path) for name, path in
                (("train", train), ("valid", valid), ("test", test)) if path is not None}
     for path in sources.values():
         check_text_file(path)
     check_output(output, sources.values())
-    vocab = vocab_from_text(read_chunks(sources["train"], level), level, vocab_size, min_count)
+    texts = {name: read_text(name, path, level) for name, path in sources.items()}
+    vocab = vocab_from_counts(texts["train"].counts, level, vocab_size, min_count)
     try:
-        with atomic_path(output) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as file:
-            write_header(file, vocab, level)
-            counts = np.zeros(len(vocab), dtype=np.int64)
-            for name, path in sources.items():
-                write_split(file, name, path, vocab, level, counts if name == "train" else None)
-            file.create_dataset("vocab_counts", data=counts)
+        with reserved_hdf5(output, lambda file: write_layout(file, vocab, level, texts), ids_bytes(texts)) as file:
+            for name, text in texts.items():
+                write_ids(file[name], text, vocab, level)
     except OSError as exc:
-        raise DataError(f"{output}: cannot write the corpus file ({os_error_cause(exc)})") from None
+        raise DataError(f"cannot write the corpus file {output}: {os_error_cause(exc)}") from None
     return output
 
 
@@ -56,45 +79,69 @@ def check_output(output, inputs):
         raise DataError(str(exc)) from None
 
 
-def write_header(file, vocab, level):
+def read_text(name, path, level):
+    """The first pass over one split's text: its counts and digest; refuses a split too short or blank."""
+    digest = hashlib.sha256()
+    counts = count_tokens(tokenize(read_chunks(path, level, digest), level))
+    text = Text(path, counts, digest.hexdigest(), os.path.getsize(path))
+    check_split_length(name, text.tokens, path)
+    if not has_text(text.counts, level):
+        raise DataError(f"{path}: holds only whitespace; the {name} split needs some text")
+    return text
+
+
+def has_text(tokens, level):
+    """Whether distinct tokens hold more than line ends and whitespace."""
+    if level == "char":
+        return any(not token.isspace() for token in tokens)
+    return any(token != EOS for token in tokens)
+
+
+def chunk_ids(tokens):
+    """Ids per HDF5 chunk of a split of `tokens` ids: HDF5_CHUNK_IDS, or the whole of a shorter split."""
+    return min(HDF5_CHUNK_IDS, tokens)
+
+
+def ids_bytes(texts):
+    """An upper bound on the disk the splits' ids take in the file: what is reserved before writing them."""
+    total = 0
+    for text in texts.values():
+        chunk = chunk_ids(text.tokens)
+        total += math.ceil(text.tokens / chunk) * (4 * chunk + CHUNK_EXTRA_BYTES) + SPLIT_EXTRA_BYTES
+    return total
+
+
+def write_layout(file, vocab, level, texts):
+    """Everything but the ids: the attributes, the vocabulary and its counts, and one empty (N,) int32
+    dataset per split (chunked, each chunk checksummed) with its source's attributes."""
     file.attrs["format"] = FORMAT_NAME
     file.attrs["format_version"] = FORMAT_VERSION
     file.attrs["level"] = level
     file.attrs["special_tokens"] = list(SPECIAL_TOKENS[level])
     file.attrs["gpurnn_version"] = gpurnn_version()
     file.create_dataset("vocab", data=list(vocab), dtype=h5py.string_dtype("utf-8"))
+    counts = np.zeros(len(vocab), dtype=np.int64)  # after mapping unknown tokens to <unk>
+    for token, count in texts["train"].counts.items():
+        counts[vocab.index.get(token, vocab.unk_id)] += count
+    file.create_dataset("vocab_counts", data=counts)
+    for name, text in texts.items():
+        ids = file.create_dataset(name, shape=(text.tokens,), dtype=np.int32, chunks=(chunk_ids(text.tokens),),
+                                  fletcher32=True)
+        ids.attrs["source"] = text.path
+        ids.attrs["source_sha256"] = text.sha256
+        ids.attrs["source_bytes"] = text.size
 
 
-def write_split(file, name, path, vocab, level, counts=None):
-    """Encode one text file chunk by chunk into a growing int32 dataset; record the file's SHA-256.
-
-    With `counts`, add each token's number of occurrences to it.
-    """
-    digest = hashlib.sha256()
-    ids = file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(HDF5_CHUNK_IDS,),
-                              fletcher32=True)
-    has_text = False
-    for tokens in tokenize(read_chunks(path, level, digest), level):
-        has_text = has_text or has_text_tokens(tokens, level)
+def write_ids(dataset, text, vocab, level):
+    """The second pass over one split's text: its ids, encoded chunk by chunk, into its dataset."""
+    end = 0
+    for tokens in tokenize(read_chunks(text.path, level), level):
         batch = vocab.encode(tokens)
-        end = ids.shape[0]
-        ids.resize((end + len(batch),))
-        ids[end:] = batch
-        if counts is not None:
-            counts += np.bincount(batch, minlength=len(counts))
-    check_split_length(name, ids.shape[0], path)
-    if not has_text:
-        raise DataError(f"{path}: holds only whitespace; the {name} split needs some text")
-    ids.attrs["source"] = path
-    ids.attrs["source_sha256"] = digest.hexdigest()
-    ids.attrs["source_bytes"] = os.path.getsize(path)
-
-
-def has_text_tokens(tokens, level):
-    """Whether a batch of tokens holds more than line ends and whitespace."""
-    if level == "char":
-        return bool(tokens) and not tokens.isspace()
-    return any(token != EOS for token in tokens)
+        if end + len(batch) <= len(dataset):
+            dataset[end:end + len(batch)] = batch
+        end += len(batch)
+    if end != len(dataset):
+        raise DataError(f"{text.path}: changed while it was being prepared; run prepare again")
 
 
 def gpurnn_version():

@@ -98,12 +98,21 @@ class Vocab(Sequence):
         return np.where(codes[where] == points, ids[where], self.unk_id).astype(np.int32)
 
 
-def vocab_from_text(chunks, level, vocab_size=None, min_count=1):
-    """The vocabulary of a train text given as chunks (the count pass of preparing a corpus)."""
+def check_vocab_options(vocab_size=None, min_count=1):
+    """Refuse a vocabulary size too small for the special tokens, or a minimum count below 1."""
     if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab size must be at least {MIN_VOCAB_SIZE} "
                         f"(the special tokens and one word), not {vocab_size}")
     if min_count < 1:
         raise DataError(f"min count must be at least 1, not {min_count}")
-    counts = count_tokens(tokenize(chunks, level))
+
+
+def vocab_from_counts(counts, level, vocab_size=None, min_count=1):
+    """The vocabulary chosen from a train text's token counts (checked with `check_vocab_options`)."""
     return Vocab(choose_tokens(counts, SPECIAL_TOKENS[level], vocab_size, min_count))
+
+
+def vocab_from_text(chunks, level, vocab_size=None, min_count=1):
+    """The vocabulary of a train text given as chunks."""
+    check_vocab_options(vocab_size, min_count)
+    return vocab_from_counts(count_tokens(tokenize(chunks, level)), level, vocab_size, min_count)

@@ -3,8 +3,9 @@
 The layout is documented in docs/checkpoint-format.md: /params, /optimizer and /state hold one
 dataset per array, /vocab the vocabulary, and a JSON `meta` attribute the model specs, options,
 counters and stream state. Each parameter dataset says what its axes mean in attributes, so the file
-can be read without gpurnn. The file is written under a temporary name in the same folder and
-renamed, so a checkpoint on disk is never half-written. Format 1 files (no layout attributes) load too.
+can be read without gpurnn. The file is built in memory and its bytes written under a temporary name
+in the same folder and renamed (`gpurnn.hdf5_files`), so a checkpoint on disk is never half-written and
+a full disk is one line, never a crash inside HDF5. Format 1 files (no layout attributes) load too.
 `strip_checkpoint` copies one without its optimizer state, for evaluation, generation and shipping.
 
 Integrity: every dataset carries HDF5's Fletcher-32 checksum, the file's own structure is checksummed
@@ -22,9 +23,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..atomic import atomic_path, check_not_inputs, check_output_path, os_error_cause
+from ..atomic import check_not_inputs, check_output_path, os_error_cause
 from ..errors import CheckpointError, GpurnnError
+from ..hdf5_files import write_hdf5_atomically
 from ..lock import PathLock
+from ..memory import LOWER_MODEL, out_of_memory
 
 FORMAT = "gpurnn-checkpoint"
 FORMAT_VERSION = 2
@@ -89,20 +92,26 @@ def save_checkpoint(path, *, params, optimizer_arrays, state, vocab, meta, layou
     check_writable(path)
     vocab = list(vocab)
     meta_json = json.dumps(meta, allow_nan=False)
+
+    def build(f):
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["gpurnn_version"] = gpurnn_version()
+        f.attrs["dtype"] = ",".join(sorted({np.asarray(v).dtype.name for v in params.values()}))
+        f.attrs["meta"] = meta_json
+        f.attrs[DIGEST_ATTR] = content_digest(meta_json, vocab)
+        for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
+            g = f.create_group(group)
+            for name, value in arrays.items():
+                create_checked_dataset(g, name, value)
+        write_layouts(f["params"], layouts or {})
+        f.create_dataset("vocab", data=np.array(vocab, dtype=h5py.string_dtype("utf-8")))
+
+    arrays = [np.asarray(v) for group in (params, optimizer_arrays, state) for v in group.values()]
+    size = sum(a.nbytes for a in arrays) + len(meta_json) + sum(len(token.encode()) + 16 for token in vocab)
     try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["gpurnn_version"] = gpurnn_version()
-            f.attrs["dtype"] = ",".join(sorted({np.asarray(v).dtype.name for v in params.values()}))
-            f.attrs["meta"] = meta_json
-            f.attrs[DIGEST_ATTR] = content_digest(meta_json, vocab)
-            for group, arrays in (("params", params), ("optimizer", optimizer_arrays), ("state", state)):
-                g = f.create_group(group)
-                for name, value in arrays.items():
-                    create_checked_dataset(g, name, value)
-            write_layouts(f["params"], layouts or {})
-            f.create_dataset("vocab", data=np.array(vocab, dtype=h5py.string_dtype("utf-8")))
+        with out_of_memory(f"building checkpoint {path} in memory", LOWER_MODEL):
+            write_hdf5_atomically(path, build, size)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {os_error_cause(exc)}") from None
 

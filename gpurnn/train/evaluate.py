@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from ..data.stream import eval_batches, eval_lanes
+from ..memory import LOWER_EVAL, out_of_memory
 from .graph import CapturedStep
 from .parallel import Group
 
@@ -48,7 +49,6 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
     if lanes < batch_size and on_note is not None:
         on_note(f"batch size {batch_size} lowered to {lanes} (each lane holds at least one block of "
                 f"{time_size} tokens, and a block at most {MAX_BLOCK_LOGITS:,} logits)")
-    backend = model.backend
     saved_state = model.get_state()
     was_training = model.layers[0].training
     model.eval()
@@ -56,15 +56,16 @@ def perplexity(model, ids, batch_size=10, time_size=35, progress=None, on_note=N
     total, tokens = 0.0, 0
     group = group if group is not None else Group()  # one process: all the lanes, and sums that are its own
     rows = group.share(lanes)
-    batches = list(eval_batches(ids, lanes, time_size, rows))  # views of two (B, width) arrays
-    forward = block_forward(model, cuda_graph, on_note)
     try:
-        for done, (xs, ts, count) in enumerate(batches, 1):
-            loss = forward(xs, ts)
-            total = total + loss.astype(np.float64) * count  # float64, on the device until the end
-            tokens += count
-            if progress:
-                progress(done, len(batches))
+        with out_of_memory(f"evaluating {rows[1] - rows[0]} lanes of {time_size} tokens", LOWER_EVAL):
+            batches = list(eval_batches(ids, lanes, time_size, rows))  # views of two (B, width) arrays
+            forward = block_forward(model, cuda_graph, on_note)
+            for done, (xs, ts, count) in enumerate(batches, 1):
+                loss = forward(xs, ts)
+                total = total + loss.astype(np.float64) * count  # float64, on the device until the end
+                tokens += count
+                if progress:
+                    progress(done, len(batches))
         sums = np.array([float(total), tokens])  # this rank's: loss times tokens, tokens
     finally:
         model.set_state(saved_state)

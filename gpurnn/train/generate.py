@@ -10,6 +10,7 @@ import numpy as np
 
 from ..data.text import EOS, detokenize, string_chunks, tokenize
 from ..errors import GpurnnError
+from ..memory import out_of_memory
 
 
 def prompt_tokens(text, level):
@@ -32,7 +33,8 @@ def generate_texts(model, vocab, level, prompt="", length=50, temperature=1.0, t
     """
     tokens = prompt_tokens(prompt, level)
     stop_id = vocab.index.get(EOS) if stop_at_eos else None
-    rows = sample(model, prompt_ids(vocab, tokens), length, temperature, top_k, seed, num_samples, stop_id)
+    with out_of_memory(f"sampling {num_samples} texts side by side", "--num-samples"):
+        rows = sample(model, prompt_ids(vocab, tokens), length, temperature, top_k, seed, num_samples, stop_id)
     return [detokenize(tokens + vocab.decode(row), level) for row in rows]
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CheckpointError
+from ..memory import LOWER_STEP, OutOfMemory, out_of_memory
 from ..ops import training_threads
 from .checkpoint import restore_params, save_checkpoint
 from .evaluate import perplexity, perplexity_of_loss
@@ -128,7 +129,7 @@ class Trainer:
         try:
             try:
                 with np.errstate(over="ignore", invalid="ignore"), self.threads():  # non-finite: caught later
-                    self._loop()
+                    self._loop_in_memory()
             except Interrupted as exc:
                 # The checkpoint is saved and the process is ending: another stop signal is ignored, so
                 # it cannot break the caller's wind-down or the interpreter's exit (which would end with
@@ -172,6 +173,15 @@ class Trainer:
         sys.stderr.flush()
         self.release_lock()
         os._exit(128 + signum)
+
+    def _loop_in_memory(self):
+        """`_loop`, where running out of memory is one line (OutOfMemory) saying so, and what is kept."""
+        cfg = self.config
+        try:
+            with out_of_memory(f"in a training step (B={cfg.batch_size}, T={cfg.time_size})", LOWER_STEP):
+                self._loop()
+        except OutOfMemory as exc:
+            raise OutOfMemory(f"{exc}{self._kept()}") from exc
 
     def _loop(self):
         cfg = self.config
