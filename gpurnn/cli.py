@@ -348,7 +348,8 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
             if keep_best and trainer.valid_ids is None:
                 raise click.UsageError("--keep-best needs a corpus with a validation split", ctx)
             log = MetricsLog(metrics or sibling(checkpoint, ".metrics.jsonl"),
-                             run_header(trainer, corpus, checkpoint), resume=resume, write=group.rank == 0)
+                             run_header(trainer, corpus, checkpoint), resume=resume, write=group.rank == 0,
+                             checkpoint=checkpoint)
         except BaseException:
             trainer.release_lock()  # the checkpoint is free again, and the lock file gone
             raise

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gpurnn.train.checkpoint import load_checkpoint
-from gpurnn.train.metrics import read_records, run_figure, run_records
+from gpurnn.errors import GpurnnError
+from gpurnn.train.metrics import MetricsLog, read_records, run_figure, run_records
 
 from .conftest import this_python_first
 from .test_train import in_tmp_path, run  # noqa: F401  (a fixture)
@@ -67,6 +68,16 @@ def test_a_run_record_starts_with_a_header_and_a_resume_joins_its_run(capsys):
     first, steps = run_records(records, header["run_id"])
     assert first == header and [s["iteration"] for s in steps] == [2, 4, 6, 8]
     assert records[3]["model_name"] == header["model_name"] == "rnnlm"
+
+
+def test_a_run_that_left_only_its_header_gives_way_unless_its_checkpoint_is_there(tmp_path):
+    path, ck = tmp_path / "ck.metrics.jsonl", tmp_path / "ck.h5"
+    MetricsLog(path, {"run_id": "a"})  # stopped before its first step
+    MetricsLog(path, {"run_id": "b"}, checkpoint=ck)
+    assert [r["run_id"] for r in read_records(path)] == ["b"]
+    ck.write_bytes(b"a checkpoint of run b")
+    with pytest.raises(GpurnnError, match="already holds a run"):
+        MetricsLog(path, {"run_id": "c"}, checkpoint=ck)
 
 
 def record(run_id, iteration, lr=1.0, **extra):

@@ -90,6 +90,12 @@ def test_a_training_step_too_large_for_memory_is_one_line(tmp_path, wide):
                                      "(500,200,000 bytes) for a 25000 x 5002 float32 array; lower --batch-size, "
                                      "--time-size or --hidden-size")
     assert not (tmp_path / "ck.h5").exists() and litter(tmp_path) == []
+    # The failed run left only its header: the same command with a smaller batch starts afresh there.
+    code, err = limited("train", corpus, *TINY, "--batch-size", 4, "--time-size", 5, "--max-iters", 1,
+                        "--checkpoint", tmp_path / "ck.h5", "--quiet")
+    assert code == 0, err
+    headers = [line for line in (tmp_path / "ck.metrics.jsonl").read_text().splitlines() if '"header"' in line]
+    assert len(headers) == 1 and '"batch_size": 4' in headers[0]
 
 
 def test_a_checkpoint_too_large_to_build_in_memory_is_one_line_and_no_file(tmp_path, wide):

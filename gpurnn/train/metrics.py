@@ -29,11 +29,12 @@ def utc_now():
 class MetricsLog:
     """Writes one run's records to `path` as JSON lines, and keeps them in `records`.
 
-    A new run refuses a file that exists (each run has its own); a resumed run appends to it. With
+    A new run refuses a file that holds another run's steps or sits beside its checkpoint (each run
+    has its own); a resumed run appends to it. With
     `write` False (every rank but the first of a data-parallel job) it keeps the records only.
     """
 
-    def __init__(self, path, header, resume=False, write=True):
+    def __init__(self, path, header, resume=False, write=True, checkpoint=None):
         self.path = Path(path)
         self.run_id = header["run_id"]
         self.records = []
@@ -42,16 +43,20 @@ class MetricsLog:
             return
         if not self.path.parent.is_dir():
             raise GpurnnError(f"cannot write metrics to {self.path}: folder {self.path.parent} does not exist")
-        if self.path.exists() and not resume:
+        fresh = (not resume and self.path.exists() and not _has_steps(self.path)
+                 and not (checkpoint and Path(checkpoint).exists()))
+        if self.path.exists() and not resume and not fresh:
             raise GpurnnError(f"metrics file {self.path} already holds a run: pass --resume to continue "
                               "that run, or choose another --metrics file")
-        self._write({"kind": "header", "time": utc_now(), **header})
+        # A file of headers alone, with no checkpoint beside it, is a run that stopped before its first
+        # step (out of memory, say): nothing to keep, so the next attempt at the same path starts afresh.
+        self._write({"kind": "header", "time": utc_now(), **header}, mode="w" if fresh else "a")
 
-    def _write(self, record):
+    def _write(self, record, mode="a"):
         if not self.write:
             return
         try:
-            with open(self.path, "a") as f:
+            with open(self.path, mode) as f:
                 f.write(jsontext.dumps(record) + "\n")
         except OSError as exc:
             raise GpurnnError(f"cannot write metrics to {self.path}: {os_error_cause(exc)}") from None
@@ -59,6 +64,14 @@ class MetricsLog:
     def __call__(self, record):
         self.records.append(record)
         self._write({"kind": "step", "run_id": self.run_id, **record})
+
+
+def _has_steps(path):
+    """Whether the metrics file at `path` holds a step record (or is not one we can read)."""
+    try:
+        return any(record.get("kind") != "header" for record in read_records(path))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def read_records(path):
