@@ -392,7 +392,8 @@ class RawKernel:
             raise TypeError(f"{self.name}: a NumPy array passed to a CUDA kernel")
         host_args = [_unwrap(a) for a in args]
         kernels_on_host.c_arguments(self.name, self.dtype, host_args)  # refuse a bad launch at once
-        _run(lambda: kernels_on_host.run_grid(self.name, self.dtype, grid[0], host_args))
+        threads = kernels_on_host.block_threads(block[0])  # one, or all with HOST_KERNELS_BLOCKS=full
+        _run(lambda: kernels_on_host.run_grid(self.name, self.dtype, grid[0], host_args, threads))
 
 
 # -- cupy.cuda ---------------------------------------------------------------------------------------
