@@ -443,6 +443,7 @@ cuda = types.ModuleType(f"{__name__}.cuda")
 cuda.Stream, cuda.Event, cuda.Graph, cuda.Device, cuda.MemoryPool = Stream, Event, Graph, Device, MemoryPool
 cuda.get_current_stream = lambda: _current[-1]
 cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()
+cuda.set_allocator = lambda allocator=None: None  # the host allocates through NumPy, pool or not
 cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
                                      runtimeGetVersion=lambda: 13000, CUDARuntimeError=CUDARuntimeError)
 sys.modules[cuda.__name__] = cuda
