@@ -1,6 +1,7 @@
 """Softmax with cross-entropy loss over all B*T positions (the loss layer of a language model)."""
 
 from gpurnn.data.stream import IGNORE
+from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer
 from gpurnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
@@ -14,6 +15,7 @@ class TimeSoftmaxWithLoss(Layer):
     def __init__(self, ctx, ignore_index=IGNORE):
         super().__init__(ctx)
         self.ignore_index = ignore_index
+        self.vocab_size = ctx.vocab_size
         self.cache = None
         self.buffer = None
 
@@ -29,6 +31,10 @@ class TimeSoftmaxWithLoss(Layer):
         Returns the mean loss as a 0-d array on the device: nothing here waits for the GPU. In
         evaluation mode no N x V buffer is written (a backward then recomputes what it needs).
         """
+        if x.shape[-1] != self.vocab_size:  # the targets are token ids: each needs its column
+            raise SpecError(f"softmax_loss: its input has {x.shape[-1]} scores per position, not one for each "
+                            f"of the {self.vocab_size} tokens (the layer before it needs output_size "
+                            f"{self.vocab_size}, or none)")
         x2 = x.reshape(-1, x.shape[-1])
         buffer = self._work_buffer(x2.shape, x2.dtype) if self.training else None
         loss, self.cache = softmax_cross_entropy(x2, t.reshape(-1), self.ignore_index, buffer)

@@ -4,8 +4,12 @@
 #   1. install gpurnn without dependencies (with the setuptools wheel carried in .whl/ where the
 #      machine's setuptools is older than 77); record the GPU and versions; probe CUDA-graph capture
 #      of a cuBLAS GEMM and a kernel;
-#   2. the benchmark beside PyTorch on the same GPU while nothing else runs (small-rnn, medium-lstm);
-#   3. the whole test suite with CuPy as the default backend; with --ptb, at the same time, the 2 x 650
+#   2. every kernel against NumPy under compute-sanitizer (scripts/sanitize.sh: memcheck, racecheck,
+#      synccheck, initcheck over scripts/sanitize_kernels.py, within SANITIZE_SECONDS, default 150);
+#      each tool's ERROR SUMMARY goes to summary.txt. Without compute-sanitizer the driver runs alone
+#      and the summary says so;
+#   3. the benchmark beside PyTorch on the same GPU while nothing else runs (small-rnn, medium-lstm);
+#   4. the whole test suite with CuPy as the default backend; with --ptb, at the same time, the 2 x 650
 #      tied LSTM (scripts/ptb_medium.toml, the textbook's recipe: SGD lr 20, clip 0.25, lr / 4 when
 #      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 400, less
 #      where the parts before ran long: the whole script keeps within GPU_CHECK_BUDGET, 570 s); its
@@ -18,7 +22,8 @@
 # sha256 is in summary.txt). Usage: bash scripts/gpu_check.sh [--ptb]
 # GPU_CHECK_QUICK=1 makes it a dry run of a minute or two with the gpurnn already installed: the
 # benchmark's quick mode on small-rnn, the GPU tests only (tests/test_host_cupy.py runs it so on the
-# CPU through the stand-in for CuPy, with a small corpus as PTB_CORPUS).
+# CPU through the stand-in for CuPy, with a small corpus as PTB_CORPUS, where no compute-sanitizer
+# exists: the kernels' driver then runs alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_check}"
@@ -81,6 +86,10 @@ print("captured and replayed; max error", float(abs(out - (a @ a + 1)).max()))
 PY
 note "capture probe: $(tail -n 1 "$logs/capture_probe.log")"
 
+echo "== every kernel against NumPy under compute-sanitizer, eagerly, before the benchmark"
+SUMMARY="$summary" LOGS="$logs" bash scripts/sanitize.sh
+sanitize_rc=$?
+
 echo "== benchmark beside PyTorch, nothing else on the GPU"
 timeout 120 python3 scripts/bench.py --backends cupy "${bench_args[@]}" --json "$logs/bench.json" 2>&1 \
     | tee "$logs/bench.log"
@@ -127,5 +136,5 @@ if [ -n "$ptb_pid" ]; then
     note "ptb checkpoint sha256: $(sha256sum "$logs/ptb_medium.weights.h5" | cut -d' ' -f1)"
     split -b 15M -d "$logs/ptb_medium.weights.h5" "$out/ptb_medium.h5.part"
 fi
-note "summary: tests rc=$tests_rc bench rc=$bench_rc ptb rc=$ptb_rc"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$ptb_rc" = 0 ]
+note "summary: sanitize rc=$sanitize_rc tests rc=$tests_rc bench rc=$bench_rc ptb rc=$ptb_rc"
+[ "$sanitize_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$ptb_rc" = 0 ]

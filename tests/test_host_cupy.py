@@ -105,6 +105,59 @@ def test_a_cupy_run_resumes_exactly_and_its_checkpoint_scores_the_same_on_numpy(
     assert texts[0] == texts[1] and len(texts[0].split()) >= 8  # 12 tokens, <eos> printed as a line break
 
 
+def test_training_at_ptb_shapes_with_whole_blocks_of_threads_agrees_with_numpy(tmp_path):
+    """scripts/sanitize_kernels.py at V = 10,000 and B = 20 with every block on 256 threads (their
+    barriers, block reductions and shared memory as on a GPU, blocks and threads shuffled): every
+    kernel, each recurrent family training with dropout, tied weights and clipped SGD or Adam, and
+    an evaluation, all equal to NumPy's in float64."""
+    args = ["--vocab", "10000", "--batch", "20", "--time", "3", "--hidden", "8", "--steps", "3"]
+    done = with_stand_in([str(TESTS.parent / "scripts/sanitize_kernels.py"), *args], tmp_path,
+                         HOST_KERNELS_BLOCKS="full")
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("sanitize_kernels: passed: 33 of 33 checks") and "never launched" not in last, done.stdout
+
+
+FAKE_SANITIZER = r"""#!/usr/bin/env bash
+# Answers as compute-sanitizer does: runs the program, then its summary; racecheck finds a race.
+tool=memcheck
+while [ $# -gt 0 ]; do
+    case $1 in --tool) tool=$2; shift 2 ;; --error-exitcode|--print-limit) shift 2 ;; *) break ;; esac
+done
+echo "========= COMPUTE-SANITIZER"
+"$@"
+rc=$?
+if [ "$tool" = racecheck ]; then
+    echo "========= Error: Race reported between Write access at softmax_rows+0x1f0 and Read access [8 hazards]"
+    echo "=========     in block (3,0,0)"
+    echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"
+    echo "========= ERROR SUMMARY: 1 error"
+    exit 3
+fi
+echo "========= ERROR SUMMARY: 0 errors"
+exit $rc
+"""
+
+
+def test_the_sanitizer_step_reports_each_tool_and_its_errors(tmp_path):
+    """scripts/sanitize.sh with a compute-sanitizer that finds a race under racecheck: every tool's
+    summary and the driver's verdict land in the summary, the race's report too, and it fails."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "compute-sanitizer").write_text(FAKE_SANITIZER)
+    (folder / "compute-sanitizer").chmod(0o755)
+    summary = tmp_path / "summary.txt"
+    done = with_stand_in([str(TESTS.parent / "scripts/sanitize.sh")], tmp_path, check=False, program=("bash",),
+                         PATH=f"{folder}{os.pathsep}{os.environ['PATH']}", SUMMARY=summary, LOGS=tmp_path / "logs")
+    lines = summary.read_text().splitlines()
+    assert done.returncode == 1, done.stdout + done.stderr
+    passed = "========= ERROR SUMMARY: 0 errors sanitize_kernels: passed: "
+    assert lines[0].startswith(f"sanitizer memcheck (rc 0, at most 70 s): {passed}33 of 33 checks")
+    assert lines[1].startswith("sanitizer racecheck (rc 3, at most 40 s): ========= RACECHECK SUMMARY: 1 hazard")
+    assert lines[2].startswith("========= Error: Race reported between Write access at softmax_rows")
+    assert lines[3].startswith(f"sanitizer synccheck (rc 0, at most 30 s): {passed}24 of 24 checks")
+    assert lines[4].startswith("sanitizer initcheck (rc 0, at most 40 s): ") and len(lines) == 5
+
+
 STAND_IN_REFUSALS = r"""
 import numpy as np, cupy
 a = cupy.zeros(3, dtype=cupy.float32)
@@ -154,7 +207,9 @@ def test_the_gpu_check_script_runs_through_with_the_stand_in(tmp_path):
     with_stand_in([str(TESTS.parent / "scripts/gpu_check.sh"), "--ptb"], tmp_path, program=("bash",),
                   GPU_CHECK_QUICK=1, PTB_SECONDS=20, PTB_CORPUS=corpus, OUT=out)
     summary = (out / "summary.txt").read_text()
-    assert "summary: tests rc=0 bench rc=0 ptb rc=0" in summary and "capture probe: captured" in summary
+    assert "summary: sanitize rc=0 tests rc=0 bench rc=0 ptb rc=0" in summary and "capture probe: captured" in summary
+    # no compute-sanitizer here: the driver ran alone, every kernel against NumPy
+    assert "sanitizer: none found; the driver alone (rc 0): sanitize_kernels: passed: " in summary
     parts = sorted(out.glob("ptb_medium.h5.part*"))
     assert len(list(out.iterdir())) <= 8 and parts and all(p.stat().st_size <= 16 << 20 for p in parts)
     joined = tmp_path / "joined.h5"

@@ -60,7 +60,7 @@ def dropout(x, out, p, seed, step, layer, first_lane=0):
     xp = array_module(x)
     threshold = int(p * (1 << 24))
     scale = 1.0 / (1.0 - p)
-    offset = first_lane * (x.size // x.shape[0])
+    offset = first_lane * (x.size // max(x.shape[0], 1))  # elements per lane (an empty x has none)
     if xp is np:
         key = np.uint32(dropout_key(seed, int(step[0]), layer))
         u = _mix32(_hashed_positions(x.size, offset) ^ key)

@@ -34,10 +34,10 @@ extern "C" __global__ void sum_squares_blocks(const T* g, long long n, T* partia
 """
 KERNELS["sum_blocks"] = r"""
 // Stage two: one block adds the blocks' shares into total[0].
-extern "C" __global__ void sum_blocks(const T* partial, int count, T* total) {
+extern "C" __global__ void sum_blocks(const T* partial, long long count, T* total) {
     __shared__ T part[256];
     T s = 0;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
+    for (long long i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
     part[threadIdx.x] = s;
     __syncthreads();
     for (int k = blockDim.x / 2; k > 0; k >>= 1) {
@@ -59,7 +59,7 @@ def squared_norm(g):
     blocks = grid_blocks(g.size, most=NORM_BLOCKS)
     partial, total = xp.empty(blocks, g.dtype), xp.empty(1, g.dtype)
     launch("sum_squares_blocks", g.dtype, g.size, (g, np.int64(g.size), partial), blocks=blocks)
-    launch("sum_blocks", g.dtype, blocks, (partial, np.int32(blocks), total), blocks=1)
+    launch("sum_blocks", g.dtype, blocks, (partial, np.int64(blocks), total), blocks=1)
     return total
 
 

@@ -392,7 +392,8 @@ class RawKernel:
             raise TypeError(f"{self.name}: a NumPy array passed to a CUDA kernel")
         host_args = [_unwrap(a) for a in args]
         kernels_on_host.c_arguments(self.name, self.dtype, host_args)  # refuse a bad launch at once
-        _run(lambda: kernels_on_host.run_grid(self.name, self.dtype, grid[0], host_args))
+        threads = kernels_on_host.block_threads(block[0])  # one, or all with HOST_KERNELS_BLOCKS=full
+        _run(lambda: kernels_on_host.run_grid(self.name, self.dtype, grid[0], host_args, threads))
 
 
 # -- cupy.cuda ---------------------------------------------------------------------------------------
@@ -442,6 +443,7 @@ cuda = types.ModuleType(f"{__name__}.cuda")
 cuda.Stream, cuda.Event, cuda.Graph, cuda.Device, cuda.MemoryPool = Stream, Event, Graph, Device, MemoryPool
 cuda.get_current_stream = lambda: _current[-1]
 cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()
+cuda.set_allocator = lambda allocator=None: None  # the host allocates through NumPy, pool or not
 cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
                                      runtimeGetVersion=lambda: 13000, CUDARuntimeError=CUDARuntimeError)
 sys.modules[cuda.__name__] = cuda
