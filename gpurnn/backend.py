@@ -5,6 +5,15 @@ and only the first allocation fails, so CuPy counts as usable only after a real 
 and a tiny allocation and kernel run. `auto` takes CuPy when that probe passes and NumPy otherwise,
 remembering why. Nothing here imports CuPy until a backend asks for it. What an operation does
 differently on each backend lives in `gpurnn.ops`.
+
+On CuPy all of gpurnn's device work runs on one non-blocking stream, made CuPy's current stream when
+the backend is chosen (`device_stream`): uploads, eager steps, steps replayed from a CUDA graph and
+reads back are ordered on it without events, a graph can capture on it (the legacy default stream
+cannot capture), and cuBLAS promises bitwise-equal results only for work on one stream. Before CuPy
+is first imported, CUBLAS_WORKSPACE_CONFIG is set to ":4096:8" unless the environment says otherwise:
+cuBLAS then keeps a fixed workspace (what a captured GEMM needs) and reproducible results even across
+streams. It takes effect for a cuBLAS handle made after it, which is every handle CuPy makes for
+gpurnn unless the process had used cuBLAS through CuPy before choosing the backend.
 """
 
 import ctypes
@@ -19,6 +28,8 @@ from .errors import BackendError
 
 BACKEND_NAMES = ("numpy", "cupy", "auto")
 DTYPES = {"float32": np.float32, "float64": np.float64}
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # 8 buffers of 4 MiB per stream: deterministic cuBLAS (NVIDIA's docs)
+_STREAM = []  # the one device stream, once made
 
 
 def cuda_driver_problem():
@@ -35,6 +46,7 @@ def cuda_driver_problem():
 
 def probe_cupy():
     """Return (cupy_module, None) when CuPy can really run a kernel here, else (None, reason)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     if "cupy" not in sys.modules:  # not imported yet: the cheap checks first
         if importlib.util.find_spec("cupy") is None:
             return None, "CuPy is not installed; install gpurnn[cuda12] or gpurnn[cuda13]"
@@ -60,6 +72,14 @@ def probe_cupy():
     return cupy, None
 
 
+def device_stream(cupy):
+    """The non-blocking stream that gpurnn's device work runs on (one per process), made CuPy's
+    current stream."""
+    if not _STREAM:
+        _STREAM.append(cupy.cuda.Stream(non_blocking=True))
+    return _STREAM[0].use()
+
+
 def array_module(array):
     """The array module (numpy or cupy) that owns `array`, without importing CuPy for NumPy arrays."""
     if isinstance(array, np.ndarray) or np.isscalar(array):
@@ -82,13 +102,15 @@ def cpu_name():
 
 
 class Backend:
-    """One array module with its float dtype; moves arrays, seeds initial values, synchronises."""
+    """One array module with its float dtype; moves arrays, seeds initial values, synchronises.
+    On CuPy, `stream` is the stream its work runs on (`device_stream`)."""
 
-    def __init__(self, name, xp, dtype=np.float32, reason=""):
+    def __init__(self, name, xp, dtype=np.float32, reason="", stream=None):
         self.name = name
         self.xp = xp
         self.dtype = np.dtype(dtype)
         self.reason = reason
+        self.stream = stream
 
     def __repr__(self):
         return f"Backend({self.name!r}, dtype={self.dtype.name})"
@@ -99,7 +121,7 @@ class Backend:
 
     def with_dtype(self, dtype):
         """The same backend with another float dtype (float64 for gradient checks)."""
-        return Backend(self.name, self.xp, dtype, self.reason)
+        return Backend(self.name, self.xp, dtype, self.reason, self.stream)
 
     def asarray(self, array, dtype=None):
         """`array` on this backend's device (a no-op for arrays already there)."""
@@ -117,8 +139,8 @@ class Backend:
 
     def synchronize(self):
         """Wait for all queued device work (needed before reading a wall clock on the GPU)."""
-        if self.xp is not np:
-            self.xp.cuda.Stream.null.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def describe(self):
         """A dict saying what runs the arrays: for `gpurnn info` and benchmark reports."""
@@ -152,7 +174,7 @@ def get_backend(name=None, dtype="float32"):
         return Backend("numpy", np, dtype, "asked for numpy")
     cupy, why_not = probe_cupy()
     if cupy is not None:
-        return Backend("cupy", cupy, dtype, f"asked for {name}; a CUDA device is usable")
+        return Backend("cupy", cupy, dtype, f"asked for {name}; a CUDA device is usable", device_stream(cupy))
     if name == "cupy":
         raise BackendError(f"the cupy backend is unusable: {why_not}; use --backend numpy")
     return Backend("numpy", np, dtype, f"auto: CuPy unusable ({why_not})")

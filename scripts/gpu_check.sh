@@ -70,20 +70,7 @@ note "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=cs
 python3 -m gpurnn --backend cupy info --json >"$logs/info.json" 2>&1
 note "$(python3 -m gpurnn --version 2>&1); $(python3 -c 'import cupy, numpy; print("cupy", cupy.__version__, "numpy", numpy.__version__)')"
 
-timeout 60 python3 - >"$logs/capture_probe.log" 2>&1 <<'PY'
-import cupy
-a = cupy.arange(64 * 64, dtype=cupy.float32).reshape(64, 64) / 4096
-out = cupy.empty_like(a)
-stream = cupy.cuda.Stream(non_blocking=True)
-with stream:
-    stream.begin_capture()
-    cupy.matmul(a, a, out=out)
-    out += 1
-    graph = stream.end_capture()
-graph.launch(stream)
-stream.synchronize()
-print("captured and replayed; max error", float(abs(out - (a @ a + 1)).max()))
-PY
+timeout 60 python3 scripts/capture_probe.py >"$logs/capture_probe.log" 2>&1
 note "capture probe: $(tail -n 1 "$logs/capture_probe.log")"
 
 echo "== every kernel against NumPy under compute-sanitizer, eagerly, before the benchmark"

@@ -1,5 +1,6 @@
 """Backend choice: numpy/cupy/auto, the CuPy probe (simulated where no GPU), transfers and dtypes."""
 
+import os
 import sys
 import types
 
@@ -48,6 +49,16 @@ def test_unusable_cupy(monkeypatch, module, why):
     assert why in str(info.value) and "--backend numpy" in str(info.value)
     auto = get_backend("auto")
     assert auto.name == "numpy" and why in auto.reason
+
+
+def test_probing_cupy_fixes_cublas_workspace_unless_the_environment_chose(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(device_count=0))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    probe_cupy()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    probe_cupy()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 def test_env_chooses_backend_and_bad_names_are_refused(monkeypatch):

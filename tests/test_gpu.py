@@ -2,12 +2,14 @@
 
 The NumPy half of what a captured graph relies on is checked everywhere: the carried state, the
 learning rate and the dropout step keep their memory from step to step. The rest needs a usable CUDA
-device and is skipped with the reason where there is none.
+device and is skipped with the reason where there is none: the direct cuBLAS GEMM against CuPy's
+matmul in every layout the layers use, GEMMs and kernels captured together, the steps.
 """
 
 import numpy as np
 import pytest
 
+from gpurnn import ops
 from gpurnn.backend import get_backend
 from gpurnn.model import Model, preset_specs
 from gpurnn.train.optim import Adam
@@ -56,6 +58,79 @@ def test_what_a_captured_step_reads_keeps_its_memory_between_steps(registry):
     before = addresses(tr)
     run(tr, batches(2, seed=1))
     assert addresses(tr) == before
+
+
+def layouts(cupy, rng, dtype):
+    """(a, b) pairs in the layouts the layers multiply: (T*B, D) @ (D, 4H), one step's h @ Wh, x.T @ d,
+    d @ W.T, both transposed, a row (ones @ a), and a column slice (copied before the GEMM)."""
+    def host(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    def device(*shape):
+        return cupy.asarray(host(*shape))
+
+    return [(device(12, 5), device(5, 8)), (device(3, 6), device(6, 24)), (device(12, 5).T, device(12, 7)),
+            (device(12, 7), device(5, 7).T), (device(4, 3).T, device(5, 4).T), (cupy.ones(12, dtype), device(12, 7)),
+            (device(6, 9)[:, 2:7], device(5, 4))]
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_direct_cublas_gemm_equals_cupy_matmul_in_every_layout(dtype):
+    backend = get_backend("cupy", dtype)
+    cupy, rng = backend.xp, np.random.default_rng(2)
+    for a, b in layouts(cupy, rng, dtype):
+        expected = cupy.matmul(a, b).get()
+        np.testing.assert_allclose(ops.matmul(a, b).get(), expected, rtol=1e-5 if dtype == "float32" else 1e-12)
+        out = cupy.empty(expected.shape, dtype)
+        assert ops.matmul(a, b, out=out) is out
+        np.testing.assert_allclose(out.get(), expected, rtol=1e-5 if dtype == "float32" else 1e-12)
+    with pytest.raises(ValueError, match="do not multiply"):
+        ops.matmul(a, a)
+
+
+@requires_gpu
+def test_gemms_and_kernels_captured_together_replay_what_they_compute_eagerly():
+    backend = get_backend("cupy", "float32")
+    cupy, rng = backend.xp, np.random.default_rng(3)
+    pairs = layouts(cupy, rng, "float32")
+
+    def step():  # sigmoid(tanh(2 a @ b)): GEMMs, a RawKernel and elementwise kernels
+        results = []
+        for a, b in pairs:
+            r = ops.matmul(a, b)
+            results.append(ops.sigmoid(ops.rnn_cell(r, ops.matmul(a, b)), r))
+        return results
+
+    with cupy.cuda.Stream(non_blocking=True):
+        ops.matmul(*pairs[0])  # leaves cuBLAS bound to another stream
+    stream = backend.stream
+    with stream:
+        ops.bind_cublas_to_current_stream()
+        stream.begin_capture()
+        captured = step()
+        graph = stream.end_capture()
+    for _ in range(2):
+        eager = [r.get() for r in step()]
+        graph.launch(stream)
+        for got, want in zip(captured, eager):
+            np.testing.assert_array_equal(got.get(), want)  # one stream, one path: bit for bit
+        for a, _ in pairs:
+            a *= 2  # the replay reads the inputs' memory as it is then
+
+
+@requires_gpu
+def test_eager_and_captured_work_share_the_backends_one_stream(registry):
+    from gpurnn.train.evaluate import block_forward
+
+    backend = get_backend("cupy")
+    cupy = backend.xp
+    assert backend.stream is not None and backend.stream != cupy.cuda.Stream.null
+    assert cupy.cuda.get_current_stream() == backend.stream  # eager work runs there
+    tr = trainer(backend, registry)
+    run(tr, batches(4))
+    assert tr.graph.graph is not None and tr.graph.stream == backend.stream
+    assert block_forward(tr.model).stream == backend.stream and cupy.cuda.get_current_stream() == backend.stream
 
 
 @requires_gpu
@@ -116,3 +191,20 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_why_once(registr
     assert run(tr, data)[0] == eager[0]
     assert tr.graph.failed and len(notices) == 1
     assert "capture failed" in notices[0] and "capturing" in notices[0]  # the cause, not its aftermath
+
+
+@requires_gpu
+def test_a_validation_that_cannot_be_captured_evaluates_eagerly_and_says_why_once(registry):
+    from gpurnn.train.evaluate import perplexity
+
+    backend = get_backend("cupy", "float64")
+    ids = np.random.default_rng(6).integers(0, V, 200).astype(np.int32)  # 10 lanes of 5 blocks
+    tr, notices = trainer(backend, registry), []
+    tr.on_notice, tr.valid_ids = notices.append, ids
+    model, forward = tr.model, tr.model.forward
+    model.forward = lambda xs, ts: forward(xs, ts) + 0 * float(model.flat_params[0])  # a host read
+    eager = perplexity(Model(specs(), V, backend, registry, seed=3), ids, tr.config.eval_batch_size, T,
+                       cuda_graph=False)[0]
+    assert tr.validate() == tr.validate() == eager
+    failures = [text for text in notices if "capture failed" in text]
+    assert len(failures) == 1 and "capturing" in failures[0] and "evaluation goes on without it" in failures[0]

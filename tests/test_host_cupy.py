@@ -1,9 +1,10 @@
 """gpurnn's CuPy code paths, run end to end on the CPU through the stand-in for CuPy (tests/hostcupy).
 
 The stand-in keeps what CuPy demands of gpurnn's code (no implicit conversion to NumPy, kernel
-arguments matching the kernels' C signatures, nothing run and no host read while a stream captures,
-a graph replaying what was captured) while the arithmetic runs on NumPy and the kernels compiled for
-the host. So the CUDA-graph training step, checkpoints written from device arrays, evaluation and
+arguments matching the kernels' C signatures, nothing run, no host read and no CuPy cuBLAS call while
+a stream captures, a graph replaying what was captured) while the arithmetic runs on NumPy, the
+kernels compiled for the host, and gpurnn's direct cuBLAS GEMMs on a host libcublas that reads their
+arguments as cuBLAS does. So the CUDA-graph training step, checkpoints written from device arrays, evaluation and
 generation on the `cupy` backend all run here, with no GPU. What the stand-in cannot show (speed,
 the GPU's own parallelism and memory) waits for `scripts/gpu_check.sh` on a GPU machine.
 """
@@ -167,15 +168,16 @@ for attempt in (lambda: np.asarray(a), lambda: a + np.ones(3, np.float32)):
         print("accepted")
     except TypeError:
         print("refused")
-stream = cupy.cuda.Stream(non_blocking=True)
-with stream:
-    stream.begin_capture()
-    b = a + 1
-    try:
-        float(b.sum())
-        print("accepted")
-    except cupy.CUDARuntimeError:
-        print("refused")
+for attempt in (lambda: float(a.sum()), lambda: cupy.matmul(a, a), lambda: a @ a, lambda: a.dot(a)):
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            attempt()
+            print("accepted")
+        except (RuntimeError, NotImplementedError) as exc:
+            print(type(exc).__name__, exc)
+        stream.end_capture()
 stream = cupy.cuda.Stream(non_blocking=True)
 with stream:
     stream.begin_capture()
@@ -190,9 +192,38 @@ print(a.get().tolist(), b.get().tolist())
 
 def test_the_stand_in_refuses_what_cupy_refuses_and_replays_what_it_captured(tmp_path):
     out = with_stand_in(["-c", STAND_IN_REFUSALS], tmp_path).stdout.split("\n")
-    assert out[:3] == ["refused", "refused", "refused"]
-    assert out[3] == "[0.0, 0.0, 0.0] [nan, nan, nan]"  # captured, not run
-    assert out[4] == "[2.0, 2.0, 2.0] [1.0, 1.0, 1.0]"  # the replay runs both, in order
+    assert out[:3] == ["refused", "refused", "RuntimeError the current stream is capturing, so D2H transfers are "
+                                             "disallowed"]
+    assert out[3:6] == ["NotImplementedError calling cuBLAS API during stream capture is currently unsupported"] * 3
+    assert out[6] == "[0.0, 0.0, 0.0] [nan, nan, nan]"  # captured, not run
+    assert out[7] == "[2.0, 2.0, 2.0] [1.0, 1.0, 1.0]"  # the replay runs both, in order
+
+
+CUBLAS_REFUSALS = r"""
+import ctypes, cupy
+from gpurnn.ops import linear
+a, c = cupy.ones((4, 3), dtype=cupy.float32), cupy.empty((4, 4), dtype=cupy.float32)
+one, zero = ctypes.c_float(1), ctypes.c_float(0)
+handle = linear._handle()
+def gemm(lda, c_ptr=c.data.ptr):  # C (4 x 4) = A (4 x 3) A^T, column-major
+    return linear._cublas().cublasSgemm_v2(handle, 0, 1, 4, 4, 3, ctypes.byref(one), a.data.ptr, lda, a.data.ptr,
+                                           lda, ctypes.byref(zero), c_ptr, 4)
+print(gemm(4), gemm(3), gemm(5), gemm(4, c.data.ptr + 4))
+with cupy.cuda.Stream(non_blocking=True):
+    print(gemm(4))
+print(c.get().sum())
+"""
+
+
+def test_the_stand_ins_cublas_reads_what_it_is_given_as_cublas_would(tmp_path):
+    """A GEMM through the binding onto the stand-in's libcublas: right; a leading dimension below the
+    rows; one that runs past the array; a C one element on (past its end); a handle bound to a stream
+    that is not the current one."""
+    done = with_stand_in(["-c", CUBLAS_REFUSALS], tmp_path)
+    assert done.stdout.split() == ["0", "7", "13", "13", "13", "48.0"]  # CUBLAS_STATUS_*: INVALID_VALUE, EXECUTION_FAILED
+    reasons = done.stderr.splitlines()
+    assert reasons[0] == "host cuBLAS: A: leading dimension 3 for 4 rows" and "bytes past the end" in reasons[1]
+    assert "bytes past the end" in reasons[2] and "not CuPy's current stream" in reasons[3]
 
 
 def test_the_gpu_check_script_runs_through_with_the_stand_in(tmp_path):

@@ -8,7 +8,7 @@ op family:
 
     threads    the CPU thread pool and BLAS thread control (NumPy only)
     kernels    the CUDA preamble, compilation per float type, the launch
-    linear     matrix products the layers share
+    linear     matrix products the layers share (on CuPy: cuBLAS GEMMs called directly, so they capture)
     cells      recurrent cells (Elman, LSTM, GRU), forward and backward steps
     losses     softmax cross-entropy over the vocabulary
     embedding  the embedding's backward (rows added at repeated indices)
@@ -25,15 +25,15 @@ from .cells import (gru_cell, gru_cell_backward, lstm_backward_factors, lstm_cel
 from .dropout import dropout, dropout_key
 from .embedding import scatter_add_rows
 from .kernels import KERNELS, kernel_source
-from .linear import column_sums, matmul
+from .linear import bind_cublas_to_current_stream, column_sums, matmul
 from .losses import softmax_cross_entropy, softmax_cross_entropy_backward
 from .threads import cpu_threads, for_row_blocks, recurrent_loop, step_matmul, training_threads
 from .updates import adam_update, clip_factor, sgd_update, squared_norm
 
 __all__ = [
-    "KERNELS", "adam_update", "clip_factor", "column_sums", "cpu_threads", "dropout", "dropout_key",
-    "for_row_blocks", "gru_cell", "gru_cell_backward", "kernel_source", "lstm_backward_factors",
-    "lstm_cell", "lstm_cell_backward", "matmul", "recurrent_loop", "rnn_cell", "rnn_cell_backward",
-    "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy",
+    "KERNELS", "adam_update", "bind_cublas_to_current_stream", "clip_factor", "column_sums", "cpu_threads",
+    "dropout", "dropout_key", "for_row_blocks", "gru_cell", "gru_cell_backward", "kernel_source",
+    "lstm_backward_factors", "lstm_cell", "lstm_cell_backward", "matmul", "recurrent_loop", "rnn_cell",
+    "rnn_cell_backward", "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy",
     "softmax_cross_entropy_backward", "squared_norm", "step_matmul", "training_threads",
 ]

@@ -79,5 +79,5 @@ def block_forward(model, cuda_graph=True, on_note=None):
     (every block of an evaluation has the same shape), eager otherwise."""
     backend = model.backend
     if backend.is_gpu and cuda_graph:
-        return CapturedStep(model.forward, backend.xp, on_note or (lambda text: None))
+        return CapturedStep(model.forward, backend, on_note or (lambda text: None), "evaluation")
     return lambda xs, ts: model.forward(backend.asarray(xs), backend.asarray(ts))

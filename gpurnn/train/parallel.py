@@ -179,10 +179,20 @@ def nccl_allreduce(comm, buffer):
     """An in-place NCCL sum over `buffer` (a CuPy array) across the ranks of `comm`, one GPU each.
 
     Rank 0 makes the NCCL unique id and MPI broadcasts it. NCCL needs a distinct device per rank: a
-    single GPU cannot host two ranks, which is refused here rather than left to hang or crash.
+    single GPU cannot host two ranks, which is refused here rather than left to hang or crash. Where
+    CuPy finds no libnccl, `cupy.cuda.nccl` imports with a warning and `available` false: said here
+    in one line instead.
     """
+    import warnings
+
     import cupy
-    from cupy.cuda import nccl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from cupy.cuda import nccl
+    if not nccl.available:
+        raise ParallelError("NCCL is unavailable to CuPy (no libnccl found): install the nvidia-nccl wheel for "
+                            "CuPy's CUDA (such as nvidia-nccl-cu13) to train on several GPUs")
 
     device = cupy.cuda.Device()
     places = comm.allgather((os.uname().nodename, device.pci_bus_id))

@@ -82,7 +82,8 @@ class Trainer:
     on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
     tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total, loss) is
     called after every iteration with the loss still on the device, and on_eval(done, total) after
-    each validation batch, for progress bars; on_notice(message) receives one-off notices. With
+    each validation batch, for progress bars; on_notice(message) receives one-off notices (each
+    message once: a CUDA graph that cannot be captured, at training or at each validation). With
     `best_path`, the checkpoint of the best validation perplexity so far is also written there.
 
     Data parallel: `group` (parallel.Group) is this rank's place among R ranks, each training on the
@@ -104,8 +105,9 @@ class Trainer:
         self.on_notice = on_notice or (lambda message: None)
         self.best_path = best_path
         backend = model.backend
-        self.graph = (CapturedStep(self._compute, backend.xp, lambda m: self.on_notice(m))
+        self.graph = (CapturedStep(self._compute, backend, self._notice_once)
                       if backend.is_gpu and config.cuda_graph else None)
+        self._noticed = set()
         self.iteration = 0
         self.best_valid = math.inf
         self.saved_iteration = None
@@ -149,6 +151,11 @@ class Trainer:
         """The context to run steps in: on the CPU, BLAS on one thread when the step is small."""
         rows = self.config.batch_size // self.group.size * self.config.time_size
         return training_threads(self.model.backend.xp, self.model.flat_params.size * rows)
+
+    def _notice_once(self, message):
+        if message not in self._noticed:
+            self._noticed.add(message)
+            self.on_notice(message)
 
     def release_lock(self):
         if self.lock is not None:
@@ -238,11 +245,7 @@ class Trainer:
                   "lr": self.optimizer.lr, "train_perplexity": perplexity_of_loss(float(losses.mean())),
                   "tokens_per_second": tokens / max(elapsed, 1e-9)}
         if evaluate and self.valid_ids is not None:
-            valid = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
-                               progress=self.on_eval, cuda_graph=self.config.cuda_graph, group=self.group)[0]
-            valid = self.group.from_root(lambda: valid)  # rank 0's sum: every rank decides alike
-            if self.graph is not None:
-                self.graph.reset()
+            valid = self.validate()
             record["valid_perplexity"] = valid
             scheduled = not self.config.eval_every or self.iteration % self.config.eval_every == 0
             # Only scheduled evaluations feed the decay rule and the best checkpoint: the extra one at
@@ -253,6 +256,17 @@ class Trainer:
             self.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
+
+    def validate(self):
+        """The perplexity on `valid_ids`, the same on every rank (rank 0's sum); the training step's
+        graph is captured again after it."""
+        valid = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
+                           progress=self.on_eval, on_note=self._notice_once, cuda_graph=self.config.cuda_graph,
+                           group=self.group)[0]
+        valid = self.group.from_root(lambda: valid)  # rank 0's sum: every rank decides alike
+        if self.graph is not None:
+            self.graph.reset()
+        return valid
 
     def _plateau(self, valid):
         """Keep the best validation perplexity; decay the learning rate when it stops improving.

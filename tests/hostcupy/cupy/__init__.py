@@ -10,10 +10,18 @@ what gpurnn's code has to respect there, and which a run on NumPy cannot show:
 - a kernel launch is checked against the kernel's C signature (array or scalar, which type, C order);
 - stream capture records the work instead of doing it. While a stream captures nothing runs, work on
   any other stream, a host read (`get`, `item`, `float`, `bool`, `asnumpy`) and an upload from the
-  host are errors, and `Graph.launch` replays the recorded work on the same buffers with the
-  arguments as they were at capture: a Python number passed to a kernel stays what it was then;
+  host are errors (a plain RuntimeError with CuPy's words where CuPy itself refuses), and
+  `Graph.launch` replays the recorded work on the same buffers with the arguments as they were at
+  capture: a Python number passed to a kernel stays what it was then;
+- CuPy's own cuBLAS calls (`matmul`, `@`, `dot`, ...) refuse to run during a capture, with CuPy's
+  NotImplementedError; cuBLAS called directly, as gpurnn.ops.linear does, is a small libcublas built
+  for the host (`_host_cublas.py`, found through the stand-in's `cuda.pathfinder`) whose GEMMs read
+  and write the arrays' memory column-major, as the real one does;
 - `cupy.cuda.nccl` serves one rank (the most one device can host), so the NCCL all-reduce path of
   data-parallel training runs under `mpiexec -n 1`.
+
+Every name here exists in CuPy 14 with a compatible signature (tests/test_cupy_api.py holds the two
+side by side): what the stand-in accepts, CuPy accepts.
 
 Put `tests/hostcupy` first on PYTHONPATH and `import cupy` finds this module.
 """
@@ -23,6 +31,7 @@ import ctypes
 import importlib.util
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +45,22 @@ kernels_on_host = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernels_on_host)
 
 
-class CUDARuntimeError(RuntimeError):
-    """What CUDA would answer: here, for work that a capturing stream does not allow."""
+class _CUDARuntimeError(RuntimeError):
+    """What CUDA would answer (CuPy's cupy.cuda.runtime.CUDARuntimeError): here, for work that a
+    capturing stream does not allow."""
 
 
 # -- streams, capture and graphs ----------------------------------------------------------------
 
-class Event:
+class _Event:
     def synchronize(self):
-        _host_read("Event.synchronize")
+        _synchronize("Event.synchronize")
 
 
-class Stream:
+class _Stream:
     """Work goes to the current stream; a capturing stream records it into its graph."""
 
-    def __init__(self, null=False, non_blocking=False, ptr=0):
+    def __init__(self, null=False, non_blocking=False):
         self.is_null = null
         self.tape = None  # the work recorded while this stream captures
         self.invalidated = False  # a capture that met something it does not allow
@@ -66,38 +76,42 @@ class Stream:
     def __exit__(self, *exc):
         _current.pop()
 
+    def use(self):
+        _current[-1] = self
+        return self
+
     def begin_capture(self, mode=None):
         if self.is_null:
-            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: the null stream cannot capture")
+            raise RuntimeError("cannot capture on the default (legacy) stream")
         if _capturing():
-            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: a stream is already capturing")
+            raise _CUDARuntimeError("cudaErrorStreamCaptureUnsupported: a stream is already capturing")
         self.tape = []
 
     def end_capture(self):
         tape, self.tape = self.tape, None
         if self.invalidated:
             self.invalidated = False
-            raise CUDARuntimeError("cudaErrorStreamCaptureInvalidated: the capture was invalidated")
-        return Graph(tape)
+            raise _CUDARuntimeError("cudaErrorStreamCaptureInvalidated: the capture was invalidated")
+        return _Graph(tape)
 
     def is_capturing(self):
         return self.tape is not None
 
     def record(self, event=None):
-        return event or Event()
+        return event or _Event()
 
     def wait_event(self, event):
         pass
 
     def synchronize(self):
-        _host_read("Stream.synchronize")
+        _synchronize("Stream.synchronize")
 
 
-Stream.null = Stream(null=True)
-_current = [Stream.null]
+_Stream.null = _Stream(null=True)
+_current = [_Stream.null]
 
 
-class Graph:
+class _Graph:
     """The work recorded by a capture, replayed in order on the buffers it was recorded with."""
 
     def __init__(self, tape):
@@ -117,7 +131,7 @@ def _capturing():
 def _invalidate(stream, error):
     """End `stream`'s recording, as CUDA invalidates a capture, and raise `error`."""
     stream.tape, stream.invalidated = None, True
-    raise CUDARuntimeError(error)
+    raise _CUDARuntimeError(error)
 
 
 def _check_not_capturing(what):
@@ -126,8 +140,22 @@ def _check_not_capturing(what):
         _invalidate(stream, f"cudaErrorStreamCaptureUnsupported: {what} while a stream is capturing")
 
 
-def _host_read(what):
+def _synchronize(what):
     _check_not_capturing(f"{what} (a host synchronisation)")
+
+
+def _transfer(direction):
+    """A copy between host and device ("D2H" or "H2D"): CuPy refuses it while the current stream
+    captures (and CUDA would break a capture on another stream with it)."""
+    if _current[-1].tape is not None:
+        raise RuntimeError(f"the current stream is capturing, so {direction} transfers are disallowed")
+    _check_not_capturing(f"a {direction} copy")
+
+
+def _refuse_cublas():
+    """CuPy's cuBLAS wrappers refuse to run while the current stream captures (cublas.pyx, setStream)."""
+    if _current[-1].tape is not None:
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
 
 
 def _run(work):
@@ -190,6 +218,7 @@ def _unwrap(x):
 
 # -- arrays ---------------------------------------------------------------------------------------
 
+_CUBLAS = {np.matmul, np.dot, np.vdot, np.inner, np.tensordot}  # what CuPy runs through its cuBLAS wrappers
 _METHODS = {"reshape", "ravel", "transpose", "swapaxes", "view", "squeeze", "flatten", "copy", "sum",
             "max", "min", "mean", "argmax", "argmin", "dot", "cumsum", "var", "std", "any", "all",
             "take", "repeat", "clip", "prod"}
@@ -208,6 +237,8 @@ class ndarray(NDArrayOperatorsMixin):
         if name in _ATTRIBUTES:
             return getattr(self._a, name)
         if name in _METHODS:
+            if name == "dot":
+                _refuse_cublas()
             method = getattr(self._a, name)
             return lambda *args, **kw: _compute(lambda: method(*_unwrap(args), **_unwrap(kw)), (self,) + args)
         raise AttributeError(f"a CuPy array has no attribute {name!r} here")
@@ -218,7 +249,9 @@ class ndarray(NDArrayOperatorsMixin):
 
     @property
     def data(self):
-        return types.SimpleNamespace(ptr=self._a.ctypes.data)
+        ptr = self._a.ctypes.data
+        _POINTERS[ptr] = _base(self._a)  # so that a cuBLAS call can find the array a pointer points into
+        return types.SimpleNamespace(ptr=ptr)
 
     @property
     def base(self):
@@ -229,6 +262,8 @@ class ndarray(NDArrayOperatorsMixin):
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kw):
+        if ufunc in _CUBLAS:
+            _refuse_cublas()
         args = _unwrap(inputs)
         call = getattr(ufunc, method)
         if out is None:
@@ -254,24 +289,29 @@ class ndarray(NDArrayOperatorsMixin):
         key, value = _index(key), _unwrap(value) if not isinstance(value, np.ndarray) else _upload(value)
         _run(lambda: self._a.__setitem__(key, value))
 
-    def astype(self, dtype, copy=True):
+    def astype(self, dtype, *, copy=True):
         return _compute(lambda: self._a.astype(dtype, copy=copy), (self,))
 
     def fill(self, value):
         _run(lambda: self._a.fill(value))
 
-    def get(self, stream=None, out=None):
-        _host_read("ndarray.get")
+    def get(self, stream=None, *, out=None):
+        _transfer("D2H")
         return self._a.copy()
 
-    def set(self, array, stream=None):
-        if not isinstance(array, np.ndarray) or array.shape != self.shape:
-            raise ValueError("set() takes a NumPy array of the same shape")
-        _upload(array)
-        self._a[...] = array
+    def set(self, arr, stream=None):
+        """CuPy's checks, in CuPy's order and words."""
+        if not isinstance(arr, np.ndarray):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if arr.shape != self.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        _upload(arr)
+        self._a[...] = arr
 
     def item(self):
-        _host_read("ndarray.item")
+        _transfer("D2H")
         return self._a.item()
 
     def tolist(self):
@@ -302,13 +342,15 @@ def _index(key):
 
 def _upload(array):
     """A host-to-device copy: not allowed inside a capture (it would synchronise with the host)."""
-    _check_not_capturing("a copy from the host")
+    _transfer("H2D")
     return array
 
 
 def _function(fn):
     """NumPy's function `fn` on device arrays: in place when given out=, else a new array."""
     def call(*args, **kw):
+        if fn in _CUBLAS:
+            _refuse_cublas()
         a, k = _unwrap(args), _unwrap(kw)
         if kw.get("out") is not None:
             _run(lambda: fn(*a, **k))
@@ -327,10 +369,10 @@ def asarray(a, dtype=None, order=None):
     return ndarray(np.array(a, dtype=dtype, order=order or "K"))
 
 
-def array(a, dtype=None, copy=True, order="K"):
-    if isinstance(a, ndarray):
-        return a.astype(dtype or a.dtype, copy=copy)
-    return asarray(a, dtype, order)
+def array(obj, dtype=None, copy=True, order="K"):
+    if isinstance(obj, ndarray):
+        return obj.astype(dtype or obj.dtype, copy=copy)
+    return asarray(obj, dtype, order)
 
 
 def ascontiguousarray(a, dtype=None):
@@ -339,7 +381,7 @@ def ascontiguousarray(a, dtype=None):
     return _compute(lambda: np.ascontiguousarray(a._a, dtype=dtype), (a,))
 
 
-def asnumpy(a, stream=None, out=None):
+def asnumpy(a, stream=None, *, out=None):
     return a.get() if isinstance(a, ndarray) else np.asarray(a)
 
 
@@ -349,8 +391,8 @@ def empty(shape, dtype=float, order="C"):
     return ndarray(a)
 
 
-def empty_like(a, dtype=None, order="K", shape=None):
-    return empty(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+def empty_like(prototype, dtype=None, order="K", *, shape=None):
+    return empty(prototype.shape if shape is None else shape, prototype.dtype if dtype is None else dtype)
 
 
 def get_array_module(*args):
@@ -385,9 +427,9 @@ class RawKernel:
         self.name = name
         self.dtype = np.float64 if "typedef double T;" in code else np.float32
 
-    def __call__(self, grid, block, args, shared_mem=0):
+    def __call__(self, grid, block, args, *, shared_mem=0):
         if not 1 <= block[0] <= 1024 or not 1 <= grid[0] < 2 ** 31:
-            raise CUDARuntimeError(f"{self.name}: invalid launch of {grid} blocks of {block} threads")
+            raise _CUDARuntimeError(f"{self.name}: invalid launch of {grid} blocks of {block} threads")
         if any(isinstance(a, np.ndarray) for a in args):
             raise TypeError(f"{self.name}: a NumPy array passed to a CUDA kernel")
         host_args = [_unwrap(a) for a in args]
@@ -398,7 +440,7 @@ class RawKernel:
 
 # -- cupy.cuda ---------------------------------------------------------------------------------------
 
-class MemoryPool:
+class _MemoryPool:
     def malloc(self, size):
         raise NotImplementedError("the host stand-in allocates through NumPy")
 
@@ -412,21 +454,21 @@ class MemoryPool:
         pass
 
 
-_default_pool = MemoryPool()
+_default_pool = _MemoryPool()
 
 
 def get_default_memory_pool():
     return _default_pool
 
 
-class Device:
+class _Device:
     pci_bus_id = "0000:00:00.0"
 
-    def __init__(self, device=0):
-        self.id = device
+    def __init__(self, device=None):
+        self.id = device or 0
 
     def synchronize(self):
-        _host_read("Device.synchronize")
+        _synchronize("Device.synchronize")
 
     def __enter__(self):
         return self
@@ -440,16 +482,16 @@ def _device_properties(device):
 
 
 cuda = types.ModuleType(f"{__name__}.cuda")
-cuda.Stream, cuda.Event, cuda.Graph, cuda.Device, cuda.MemoryPool = Stream, Event, Graph, Device, MemoryPool
+cuda.Stream, cuda.Event, cuda.Graph, cuda.Device, cuda.MemoryPool = _Stream, _Event, _Graph, _Device, _MemoryPool
 cuda.get_current_stream = lambda: _current[-1]
 cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()
 cuda.set_allocator = lambda allocator=None: None  # the host allocates through NumPy, pool or not
 cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
-                                     runtimeGetVersion=lambda: 13000, CUDARuntimeError=CUDARuntimeError)
+                                     runtimeGetVersion=lambda: 13000, CUDARuntimeError=_CUDARuntimeError)
 sys.modules[cuda.__name__] = cuda
 
 
-class NcclCommunicator:
+class _NcclCommunicator:
     """NCCL for one rank, the most one device can host: an all-reduce leaves the buffer as it is."""
 
     def __init__(self, ndev, commId, rank):
@@ -457,15 +499,32 @@ class NcclCommunicator:
             raise NotImplementedError("the host stand-in for NCCL has one rank")
 
     def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
-        if datatype not in (nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64) or op != nccl.NCCL_SUM or count < 1:
+        if datatype not in (_nccl.NCCL_FLOAT32, _nccl.NCCL_FLOAT64) or op != _nccl.NCCL_SUM or count < 1:
             raise ValueError(f"allReduce({count}, datatype {datatype}, op {op}) is not what gpurnn asks")
         if sendbuf != recvbuf:  # a sum over one rank is a copy
-            _run(lambda: ctypes.memmove(recvbuf, sendbuf, count * (4 if datatype == nccl.NCCL_FLOAT32 else 8)))
+            _run(lambda: ctypes.memmove(recvbuf, sendbuf, count * (4 if datatype == _nccl.NCCL_FLOAT32 else 8)))
 
 
-nccl = types.ModuleType(f"{cuda.__name__}.nccl")
-nccl.NCCL_SUM, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64 = 0, 7, 8
-nccl.get_unique_id = lambda: tuple(range(128))
-nccl.NcclCommunicator = NcclCommunicator
-cuda.nccl = nccl
-sys.modules[nccl.__name__] = nccl
+_nccl = types.ModuleType(f"{cuda.__name__}.nccl")
+_nccl.available = True
+_nccl.NCCL_SUM, _nccl.NCCL_FLOAT32, _nccl.NCCL_FLOAT64 = 0, 7, 8
+_nccl.get_unique_id = lambda: tuple(range(128))
+_nccl.NcclCommunicator = _NcclCommunicator
+cuda.nccl = _nccl
+sys.modules[_nccl.__name__] = _nccl
+
+
+# -- cuBLAS, as gpurnn.ops.linear calls it (CuPy's handle; the library from cuda.pathfinder) ----------
+
+_POINTERS = weakref.WeakValueDictionary()  # device pointer taken (ndarray.data.ptr) -> the array it is in
+
+
+def _cublas_handle():
+    from . import _host_cublas
+
+    return _host_cublas.handle()
+
+
+cuda.device = types.ModuleType(f"{cuda.__name__}.device")
+cuda.device.get_cublas_handle = _cublas_handle
+sys.modules[cuda.device.__name__] = cuda.device
