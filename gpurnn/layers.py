@@ -76,7 +76,7 @@ class Layer:
         """
         value = self.xp.ascontiguousarray(self.backend.asarray(host_value, dtype=self.backend.dtype))
         self.params[name] = value
-        self.grads[name] = self.xp.zeros_like(value)
+        self.grads[name] = self.xp.zeros(value.shape, value.dtype)  # calloc: no memory touched until written
         return value
 
     def adopt_buffers(self, param_block, grad_block):
@@ -218,29 +218,42 @@ def require_input_size(ctx, layer_type):
     return ctx.input_size
 
 
-def init_matrix(rng, shape, scheme, fan_in):
-    """An initial weight matrix on the host (float64; the layer casts it to the backend dtype).
+INIT_BLOCK = 1 << 20  # values drawn at a time by init_matrix (8 MiB of float64)
+
+
+def init_matrix(rng, shape, scheme, fan_in, dtype=np.float64):
+    """An initial weight matrix on the host, float64 unless `dtype` says otherwise (the layer casts it
+    to the backend dtype). Values are drawn in float64 in blocks of rows, the same numbers as one draw,
+    so a vocabulary-sized table asked for in float32 never exists in float64 whole.
 
     Schemes: ``default`` the textbook's N(0,1)/sqrt(fan_in); ``normal:S`` N(0,1)*S; ``uniform:A``
     U(-A, A); ``xavier`` U(+-sqrt(6/(fan_in+fan_out))); ``orthogonal`` a (semi-)orthogonal matrix.
     """
     name, _, arg = str(scheme).partition(":")
-    if name == "default":
-        return rng.standard_normal(shape) / np.sqrt(fan_in)
-    if name == "normal":
-        return rng.standard_normal(shape) * _scheme_number(scheme, arg)
-    if name == "uniform":
-        bound = _scheme_number(scheme, arg)
-        return rng.uniform(-bound, bound, shape)
-    if name == "xavier":
-        bound = np.sqrt(6.0 / (shape[0] + shape[1]))
-        return rng.uniform(-bound, bound, shape)
     if name == "orthogonal":
         a = rng.standard_normal((max(shape), min(shape)))
         q, r = np.linalg.qr(a)
         q *= np.sign(np.diag(r))
-        return q if shape[0] >= shape[1] else q.T
-    raise SpecError(f"unknown init scheme {scheme!r}; use default, normal:S, uniform:A, xavier or orthogonal")
+        return (q if shape[0] >= shape[1] else q.T).astype(dtype, copy=False)
+    if name not in ("default", "normal", "uniform", "xavier"):
+        raise SpecError(f"unknown init scheme {scheme!r}; use default, normal:S, uniform:A, xavier or orthogonal")
+    number = _scheme_number(scheme, arg) if name in ("normal", "uniform") else None
+    bound = np.sqrt(6.0 / (shape[0] + shape[1])) if name == "xavier" else number
+
+    def draw(size):
+        if name == "default":
+            return rng.standard_normal(size) / np.sqrt(fan_in)
+        if name == "normal":
+            return rng.standard_normal(size) * number
+        return rng.uniform(-bound, bound, size)
+
+    out = np.empty(shape, dtype)
+    rows = out.reshape(shape[0], -1)
+    step = max(1, INIT_BLOCK // max(rows.shape[1], 1))
+    for lo in range(0, shape[0], step):
+        block = rows[lo:lo + step]
+        block[...] = draw(block.shape)
+    return out
 
 
 def _scheme_number(scheme, arg):

@@ -15,7 +15,8 @@ class TimeEmbedding(Layer):
     def __init__(self, ctx, size=100, init="normal:0.01"):
         super().__init__(ctx)
         self.output_size = int(size)
-        self.add_param("W", init_matrix(ctx.rng, (ctx.vocab_size, self.output_size), init, ctx.vocab_size))
+        self.add_param("W", init_matrix(ctx.rng, (ctx.vocab_size, self.output_size), init, ctx.vocab_size,
+                                        dtype=ctx.backend.dtype))  # vocabulary-sized: never whole in float64
         self.ids = None
 
     def forward(self, ids):
