@@ -387,7 +387,7 @@ def print_row(row):
         spread = {k: "{:.2f}-{:.2f}".format(*row[f"{k}_ratio_range"]) for k in ("train", "eval")}
         line += (f" | torch {row['torch_train_tok_s']:>8,.0f} / {row['torch_eval_tok_s']:>8,.0f}"
                  f"  ratio train {row['train_ratio']:.2f}x ({spread['train']}) eval {row['eval_ratio']:.2f}x"
-                 f" ({spread['eval']})")
+                 f" ({spread['eval']})  rss {row['torch_peak_rss_mb']:,.0f} MB")
     print(line, flush=True)
 
 
