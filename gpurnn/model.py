@@ -216,6 +216,11 @@ class Model:
                 layouts[f"{name}.{key}"] = {"layer_type": getattr(layer, "layer_type", None) or "", **attrs}
         return layouts
 
+    @property
+    def logits_per_row(self):
+        """The most scores the loss layer holds at once per position: V, unless it says otherwise."""
+        return getattr(self.layers[-1], "logits_per_row", self.vocab_size)
+
     def parameter_count(self):
         """Scalars in all parameters (a tied weight counts once: it is one parameter)."""
         return sum(int(v.size) for v in self.params.values())

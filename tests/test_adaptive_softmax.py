@@ -142,7 +142,7 @@ def test_the_preset_refuses_what_the_adaptive_output_cannot_do(options, message)
 
 def test_evaluation_blocks_are_sized_by_what_the_layer_holds(registry, np64, monkeypatch):
     model = adaptive_model(registry, np64)
-    per_row = model.layers[-1].logits_per_row
+    per_row = model.logits_per_row
     assert per_row == CUTOFFS[0] + 3 + 14  # the head and the largest cluster (rows gathered on NumPy)
     monkeypatch.setattr("gpurnn.train.evaluate.MAX_BLOCK_LOGITS", 5 * 4 * per_row)
     assert lanes_for(model, 10_000, 20, 4) == 5
