@@ -21,7 +21,7 @@ from . import jsontext
 from .backend import BACKEND_NAMES, get_backend, probe_cupy
 from .errors import GpurnnError
 from .memory import out_of_memory_error, size_text
-from .model import PRESETS
+from .model import OUTPUT_LAYERS, PRESETS
 from .registry import Registry
 from .train.parallel import on_every_rank, world
 
@@ -218,7 +218,8 @@ def report_corpus(report, as_json):
     click.echo(f"  most frequent: {frequent}")
 
 
-PRESET_ONLY = ("wordvec_size", "hidden_size", "num_layers", "dropout", "tie_weights")
+PRESET_ONLY = ("wordvec_size", "hidden_size", "num_layers", "dropout", "tie_weights", "output_layer", "cutoffs",
+               "div_value")
 TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
                "seed", "eval_every", "save_every", "log_every", "cuda_graph")
 MODEL, OPTIM, SCHEDULE, OUTPUT = "Model", "Optimisation", "Schedule", "Output"
@@ -251,6 +252,19 @@ def load_config(ctx, param, path):
     return path
 
 
+class IntList(click.ParamType):
+    """Comma-separated integers ("2000,6000"), or a list of them from a --config file."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        try:
+            return [int(str(item).strip()) for item in items]
+        except ValueError:
+            self.fail(f"{value!r} is not a list of integers such as 2000,6000", param, ctx)
+
+
 def preset_option(decl, kind, preset_default, text):
     """An option that changes the chosen preset (and is refused with --model-config)."""
     return option(MODEL, decl, type=kind, default=None, show_default=f"the preset's: {preset_default}", help=text)
@@ -268,6 +282,13 @@ def preset_option(decl, kind, preset_default, text):
                "Dropout before, between and after the recurrent layers.")
 @preset_option("--tie-weights/--no-tie-weights", None, "off, better-rnnlm on",
                "The output layer shares the embedding's table (needs D = H).")
+@preset_option("--output-layer", click.Choice(OUTPUT_LAYERS), "full",
+               "full: affine and softmax over the vocabulary; adaptive: the adaptive softmax (needs --cutoffs).")
+@preset_option("--cutoffs", IntList(), "none",
+               "Adaptive output: where the vocabulary (most frequent first) is cut into the head and the "
+               "clusters, e.g. 2000,6000.")
+@preset_option("--div-value", click.FloatRange(min=0, min_open=True), "4",
+               "Adaptive output: cluster k's projection is the hidden size / div-value**(k+1).")
 @option(OPTIM, "--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", help="Optimizer.")
 @option(OPTIM, "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Learning rate.")
 @option(OPTIM, "--clip", type=click.FloatRange(min=0, min_open=True), show_default="no clipping",

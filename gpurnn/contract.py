@@ -12,6 +12,12 @@ Arrays are NumPy or CuPy arrays of the backend's float dtype, time layers take a
     y = layer.forward(x)             # x (B, T, D) floats, or (B, T) int token ids if takes_ids
     dx = layer.backward(dy)          # writes every grads[k]; returns d loss / d x (None if takes_ids)
     loss = layer.forward(x, t)       # loss layers (is_loss): a 0-d array; backward(dout=1.0)
+    log_p = layer.log_prob(x)        # loss layers: normalised log-probabilities (B, T, V), for sampling
+
+A loss layer reads logits (B, T, V) unless it sets `input_size` (then it reads features of that
+size, as the adaptive softmax does); one that holds other than V scores per position at once says
+how many in `logits_per_row` (evaluation sizes its blocks by it); one whose cutoffs assume a
+vocabulary sorted most frequent first sets `needs_frequency_order` (training checks the corpus).
 
 The parts a plain call cannot show, which the kit checks for every layer:
 - `forward` and `backward` leave their arguments unmodified (a model passes one layer's output on

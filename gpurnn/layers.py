@@ -76,7 +76,7 @@ class Layer:
         """
         value = self.xp.ascontiguousarray(self.backend.asarray(host_value, dtype=self.backend.dtype))
         self.params[name] = value
-        self.grads[name] = self.xp.zeros_like(value)
+        self.grads[name] = self.xp.zeros(value.shape, value.dtype)  # calloc: no memory touched until written
         return value
 
     def adopt_buffers(self, param_block, grad_block):

@@ -23,38 +23,66 @@ from .memory import LOWER_MODEL, out_of_memory
 from .registry import check_spec
 
 
-def recurrent_lm(cell, wordvec_size, hidden_size, num_layers=1, dropout=None, tie_weights=False):
-    """embedding -> `num_layers` recurrent layers of type `cell` -> affine -> softmax loss.
+OUTPUT_LAYERS = ("full", "adaptive")
+
+
+def recurrent_lm(cell, wordvec_size, hidden_size, num_layers=1, dropout=None, tie_weights=False,
+                 output_layer="full", cutoffs=None, div_value=None):
+    """embedding -> `num_layers` recurrent layers of type `cell` -> the output layer.
 
     With a dropout rate (None: no dropout layers), a dropout layer goes before, between and after the
     recurrent layers (Zaremba et al.); with tie_weights the output affine shares the embedding's table,
-    so wordvec_size must equal hidden_size.
+    so wordvec_size must equal hidden_size. output_layer "full" is affine -> softmax loss; "adaptive"
+    is the adaptive softmax with `cutoffs` (and `div_value`, default 4), which cannot be tied.
     """
     drop = [] if dropout is None else [{"type": "dropout", "p": dropout}]
     specs = [{"type": "embedding", "size": wordvec_size}, *drop]
     for _ in range(num_layers):
         specs += [{"type": cell, "hidden_size": hidden_size}, *drop]
-    affine = {"type": "affine", "tie_to": "embedding"} if tie_weights else {"type": "affine"}
-    return specs + [affine, {"type": "softmax_loss"}]
+    return specs + output_specs(output_layer, tie_weights, cutoffs, div_value)
 
 
-def simple_rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False):
-    """The textbook's SimpleRnnlm: embedding -> Elman RNN -> affine -> softmax loss."""
-    return recurrent_lm("rnn", wordvec_size, hidden_size, num_layers, dropout, tie_weights)
+def output_specs(output_layer, tie_weights, cutoffs, div_value):
+    """The specs of a preset's output layer: affine -> softmax loss, or the adaptive softmax."""
+    if output_layer not in OUTPUT_LAYERS:
+        raise SpecError(f"unknown output layer {output_layer!r}; choose {' or '.join(OUTPUT_LAYERS)}")
+    if output_layer == "full":
+        if cutoffs is not None or div_value is not None:
+            raise SpecError("cutoffs and div_value apply only to the adaptive output layer (--output-layer adaptive)")
+        affine = {"type": "affine", "tie_to": "embedding"} if tie_weights else {"type": "affine"}
+        return [affine, {"type": "softmax_loss"}]
+    if tie_weights:
+        raise SpecError("tied weights are not supported with the adaptive output layer (it has no (V, D) "
+                        "table to share with the embedding): use --no-tie-weights")
+    if cutoffs is None:
+        raise SpecError("the adaptive output layer needs cutoffs, such as --cutoffs 2000,6000")
+    options = {"div_value": div_value} if div_value is not None else {}
+    return [{"type": "adaptive_softmax_loss", "cutoffs": list(cutoffs), **options}]
 
 
-def rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False):
-    """The textbook's chapter-6 Rnnlm: embedding -> LSTM -> affine -> softmax loss."""
-    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights)
+def simple_rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False,
+                 output_layer="full", cutoffs=None, div_value=None):
+    """The textbook's SimpleRnnlm: embedding -> Elman RNN -> affine -> softmax loss (or adaptive softmax)."""
+    return recurrent_lm("rnn", wordvec_size, hidden_size, num_layers, dropout, tie_weights, output_layer, cutoffs,
+                        div_value)
 
 
-def better_rnnlm(wordvec_size=650, hidden_size=650, num_layers=2, dropout=0.5, tie_weights=True):
+def rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False,
+          output_layer="full", cutoffs=None, div_value=None):
+    """The textbook's chapter-6 Rnnlm: embedding -> LSTM -> affine -> softmax loss (or adaptive softmax)."""
+    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights, output_layer, cutoffs,
+                        div_value)
+
+
+def better_rnnlm(wordvec_size=650, hidden_size=650, num_layers=2, dropout=0.5, tie_weights=True,
+                 output_layer="full", cutoffs=None, div_value=None):
     """The textbook's BetterRnnlm (Zaremba et al.'s medium model with tied weights).
 
     Two LSTMs with dropout before, between and after them; the output affine shares the embedding's
     table, so wordvec_size must equal hidden_size.
     """
-    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights)
+    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights, output_layer, cutoffs,
+                        div_value)
 
 
 PRESETS = {"simple-rnnlm": simple_rnnlm, "rnnlm": rnnlm, "better-rnnlm": better_rnnlm}
@@ -62,7 +90,7 @@ PRESETS = {"simple-rnnlm": simple_rnnlm, "rnnlm": rnnlm, "better-rnnlm": better_
 
 def preset_specs(name, **sizes):
     """The layer specs of preset `name`, with its options (wordvec_size, hidden_size, num_layers,
-    dropout, tie_weights)."""
+    dropout, tie_weights, and the output layer's: output_layer, cutoffs, div_value)."""
     if name not in PRESETS:
         raise SpecError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     try:
@@ -93,7 +121,7 @@ def layer_names(specs):
 
 
 class Model:
-    """Layers built from specs; forward(xs, ts) -> loss, backward(), predict(xs) -> logits.
+    """Layers built from specs; forward(xs, ts) -> loss, backward(), log_prob(xs) -> log-probabilities.
 
     first_lane: in a data-parallel job, which lane of the whole batch this process's first row is,
     so its dropout masks are those lanes' part of the whole batch's masks.
@@ -191,6 +219,11 @@ class Model:
                 layouts[f"{name}.{key}"] = {"layer_type": getattr(layer, "layer_type", None) or "", **attrs}
         return layouts
 
+    @property
+    def logits_per_row(self):
+        """The most scores the loss layer holds at once per position: V, unless it says otherwise."""
+        return getattr(self.layers[-1], "logits_per_row", self.vocab_size)
+
     def parameter_count(self):
         """Scalars in all parameters (a tied weight counts once: it is one parameter)."""
         return sum(int(v.size) for v in self.params.values())
@@ -205,11 +238,21 @@ class Model:
         return "\n".join(lines)
 
     def predict(self, xs):
-        """Logits (B, T, V) for token ids xs (B, T); carries the recurrent state like forward."""
+        """What the loss layer reads for token ids xs (B, T): logits (B, T, V) for `softmax_loss`, the
+        last features (B, T, D) for `adaptive_softmax_loss`; carries the recurrent state like forward."""
         x = xs
         for layer in self.layers[:-1]:
             x = layer.forward(x)
         return x
+
+    def log_prob(self, xs):
+        """Normalised log-probabilities (B, T, V) of the next token at every position, from the loss
+        layer's `log_prob` (for sampling); carries the recurrent state like forward."""
+        loss = self.layers[-1]
+        if not callable(getattr(loss, "log_prob", None)):
+            raise SpecError(f"loss layer {self.specs[-1]['type']!r} has no log_prob(x): it gives no "
+                            f"distribution to sample from")
+        return loss.log_prob(self.predict(xs))
 
     def forward(self, xs, ts):
         """Mean loss over the block (a 0-d device array)."""

@@ -70,7 +70,7 @@ class _Probe:
     def __init__(self, layer, ctx, batch, time, seed):
         self.layer, self.backend, self.seed = layer, ctx.backend, seed
         self.shape, self.ctx = (batch, time), ctx
-        targets = np.random.default_rng(seed + 1).integers(0, ctx.input_size or ctx.vocab_size, self.shape)
+        targets = np.random.default_rng(seed + 1).integers(0, ctx.vocab_size, self.shape)
         self.t = self.backend.asarray(targets)
         self.weights = None
         self.out = None
@@ -107,8 +107,8 @@ def build_checked_layer(registry, layer_type, options, backend, vocab_size, inpu
     layer = registry.build_layer({"type": layer_type, **(options or {})}, ctx)
     size = sum(p.size for p in layer.params.values())
     layer.adopt_buffers(backend.xp.empty(size, backend.dtype), backend.xp.zeros(size, backend.dtype))
-    if layer.is_loss:
-        ctx.input_size = vocab_size
+    if layer.is_loss:  # its input: logits over the vocabulary, or features where it says so (input_size)
+        ctx.input_size = getattr(layer, "input_size", None) or vocab_size
     return layer, ctx
 
 

@@ -4,7 +4,7 @@ from gpurnn.data.stream import IGNORE
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer
-from gpurnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
+from gpurnn.ops import log_softmax, softmax_cross_entropy, softmax_cross_entropy_backward
 
 
 class TimeSoftmaxWithLoss(Layer):
@@ -49,6 +49,10 @@ class TimeSoftmaxWithLoss(Layer):
         dx = softmax_cross_entropy_backward(self.cache, dout)
         self.cache = None
         return dx.reshape(self.shape)
+
+    def log_prob(self, x):
+        """The normalised log-distribution (B, T, V) of logits x: log softmax over the last axis."""
+        return log_softmax(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 @hookimpl

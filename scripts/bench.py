@@ -12,8 +12,16 @@ the gpurnn / PyTorch ratios (and their range over the pairs) and the fraction of
 reached (the model's matmul FLOPs at the measured sgemm rate plus the softmax passes at the measured
 memory bandwidth); --json writes everything with the machine's description.
 
+`large-vocab` is WikiText-103's vocabulary size (V = 267,735) on a synthetic Zipf corpus (exponent
+1, made here in memory), an LSTM 1 x 512: measured twice, with the full softmax (affine +
+softmax_loss, beside PyTorch's Linear + cross_entropy) and with the adaptive softmax (cutoffs 20000,
+60000, 200000, div_value 4, beside PyTorch's nn.AdaptiveLogSoftmaxWithLoss with the same cutoffs
+and sizes), then the adaptive rows' speed-up over the full ones. The other configs use PTB's shapes
+with uniformly drawn ids.
+
     python scripts/bench.py                          # all configs, all usable backends
     python scripts/bench.py --configs small-rnn --quick --json out.json
+    python scripts/bench.py --configs large-vocab --quick  # a few steps: checks the harness only
 """
 
 import gpurnn  # noqa: F401  first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
@@ -43,19 +51,37 @@ CONFIGS = {
     "small-rnn": dict(preset="simple-rnnlm", cell="rnn", D=100, H=100, layers=1, dropout=0.0, tied=False),
     "small-lstm": dict(preset="rnnlm", cell="lstm", D=100, H=100, layers=1, dropout=0.0, tied=False),
     "medium-lstm": dict(preset="better-rnnlm", cell="lstm", D=650, H=650, layers=2, dropout=0.5, tied=True),
+    "large-vocab": dict(preset="rnnlm", cell="lstm", D=512, H=512, layers=1, dropout=0.0, tied=False, V=267735,
+                        zipf=1.0, outputs=("full", "adaptive"), cutoffs=[20000, 60000, 200000], div_value=4.0),
 }
 CLIP, LR = 0.25, 0.1
 
 
-def preset_options(cfg):
+def vocab_size(cfg):
+    return cfg.get("V", V)
+
+
+def preset_options(cfg, output="full"):
+    """The preset's options for a config, with the adaptive output layer's when `output` is "adaptive"."""
     sizes = {"wordvec_size": cfg["D"], "hidden_size": cfg["H"]}
-    return {**sizes, "dropout": cfg["dropout"]} if cfg["preset"] == "better-rnnlm" else sizes
+    if cfg["preset"] == "better-rnnlm":
+        sizes["dropout"] = cfg["dropout"]
+    if output == "adaptive":
+        sizes.update(output_layer="adaptive", cutoffs=cfg["cutoffs"], div_value=cfg["div_value"])
+    return sizes
 
 
-def batches(count, seed=0):
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(0, V, (B, T)).astype(np.int32), rng.integers(0, V, (B, T)).astype(np.int32))
-            for _ in range(count)]
+def batches(count, seed=0, cfg=None):
+    """`count` (xs, ts) blocks: ids drawn uniformly, or with `zipf` from a Zipf law over the vocabulary
+    (p(rank k) proportional to 1 / k**zipf), each block's ts its xs one token on (a synthetic corpus)."""
+    cfg = cfg or {}
+    rng, vocab = np.random.default_rng(seed), vocab_size(cfg)
+    if "zipf" not in cfg:
+        return [(rng.integers(0, vocab, (B, T)).astype(np.int32), rng.integers(0, vocab, (B, T)).astype(np.int32))
+                for _ in range(count)]
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** cfg["zipf"])
+    ids = np.searchsorted(cdf, rng.random((count, B, T + 1)) * cdf[-1]).clip(max=vocab - 1).astype(np.int32)
+    return [(block[:, :-1].copy(), block[:, 1:].copy()) for block in ids]
 
 
 def timed(fn, data, warmup, sync):
@@ -70,9 +96,10 @@ def timed(fn, data, warmup, sync):
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
-def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True):
+def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True, output="full"):
     backend = get_backend(backend_name)
-    model = Model(preset_specs(cfg["preset"], **preset_options(cfg)), V, backend, Registry(), seed=0)
+    model = Model(preset_specs(cfg["preset"], **preset_options(cfg, output)), vocab_size(cfg), backend, Registry(),
+                  seed=0)
     trainer = Trainer(model, SGD(lr=LR), None, TrainConfig(batch_size=B, time_size=T, clip=CLIP,
                                                            cuda_graph=cuda_graph),
                       on_notice=lambda message: print(message, file=sys.stderr))
@@ -96,29 +123,38 @@ def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True):
     return result
 
 
-def run_torch(cfg, device_name, data, warmup):
+def run_torch(cfg, device_name, data, warmup, output="full"):
     import torch
     from torch import nn
 
     torch.manual_seed(0)
     torch.set_num_threads(cpu_threads())
     device = torch.device(device_name)
+    vocab = vocab_size(cfg)
 
     class Net(nn.Module):
+        """The same model; `loss(xs, ts, state)` is the mean cross-entropy of the block and the new state."""
+
         def __init__(self):
             super().__init__()
             cell = {"rnn": nn.RNN, "lstm": nn.LSTM}[cfg["cell"]]
-            self.embed = nn.Embedding(V, cfg["D"])
+            self.embed = nn.Embedding(vocab, cfg["D"])
             self.drop = nn.Dropout(cfg["dropout"])
             self.rnn = cell(cfg["D"], cfg["H"], num_layers=cfg["layers"], batch_first=True,
                             dropout=cfg["dropout"] if cfg["layers"] > 1 else 0.0)
-            self.out = nn.Linear(cfg["H"], V)
+            if output == "adaptive":
+                self.out = nn.AdaptiveLogSoftmaxWithLoss(cfg["H"], vocab, cfg["cutoffs"], div_value=cfg["div_value"])
+            else:
+                self.out = nn.Linear(cfg["H"], vocab)
             if cfg["tied"]:
                 self.out.weight = self.embed.weight
 
-        def forward(self, xs, state):
+        def loss(self, xs, ts, state):
             hs, state = self.rnn(self.drop(self.embed(xs)), state)
-            return self.out(self.drop(hs)), state
+            hs = self.drop(hs).reshape(-1, cfg["H"])
+            if output == "adaptive":
+                return self.out(hs, ts.reshape(-1)).loss, state
+            return nn.functional.cross_entropy(self.out(hs), ts.reshape(-1)), state
 
     net = Net().to(device)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
@@ -132,9 +168,7 @@ def run_torch(cfg, device_name, data, warmup):
         return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
     def train_step(xs, ts):
-        logits, state = net(xs, detach(carried[0]))
-        carried[0] = state
-        loss = nn.functional.cross_entropy(logits.reshape(-1, V), ts.reshape(-1))
+        loss, carried[0] = net.loss(xs, ts, detach(carried[0]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), CLIP)
@@ -142,8 +176,7 @@ def run_torch(cfg, device_name, data, warmup):
 
     def eval_step(xs, ts):
         with torch.no_grad():
-            logits, carried[0] = net(xs, carried[0])
-            nn.functional.cross_entropy(logits.reshape(-1, V), ts.reshape(-1))
+            _, carried[0] = net.loss(xs, ts, carried[0])
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     net.train()
@@ -156,14 +189,14 @@ def run_torch(cfg, device_name, data, warmup):
     return result
 
 
-def measure_one(config, impl, iters, warmup, cuda_graph):
+def measure_one(config, impl, iters, warmup, cuda_graph, output="full"):
     """One measurement (run in a child process): its timings and its own peak RSS."""
     cfg = CONFIGS[config]
-    data = batches(warmup + iters)
+    data = batches(warmup + iters, cfg=cfg)
     if impl.startswith("torch-"):
-        result = run_torch(cfg, impl.split("-", 1)[1], data, warmup)
+        result = run_torch(cfg, impl.split("-", 1)[1], data, warmup, output)
     else:
-        result = run_gpurnn(cfg, impl, data, warmup, cuda_graph)
+        result = run_gpurnn(cfg, impl, data, warmup, cuda_graph, output)
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
@@ -181,13 +214,14 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def in_child(config, impl, args):
+def in_child(config, impl, args, output="full"):
     """One measurement in a fresh process (which inherits gpurnn's OpenBLAS setting; PyTorch uses MKL)."""
-    cmd = [sys.executable, __file__, "--one", config, impl, "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, __file__, "--one", config, impl, "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--output", output]
     cmd += ["--no-cuda-graph"] if args.no_cuda_graph else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{config} on {impl} failed:\n{out.stderr}")
+        raise SystemExit(f"{config} ({output} softmax) on {impl} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -198,7 +232,7 @@ def forward_flops_per_token(cfg):
     for _ in range(cfg["layers"]):
         flops += 2 * (size + cfg["H"]) * gates * cfg["H"]
         size = cfg["H"]
-    return flops + 2 * cfg["H"] * V
+    return flops + 2 * cfg["H"] * vocab_size(cfg)
 
 
 def machine_limits(seconds=1.0):
@@ -231,7 +265,7 @@ def rate(fn, seconds):
 def limit_fraction(cfg, limits, seconds_per_token, passes, matmul_factor):
     """Fraction of the machine's limit: ideal time (matmuls at sgemm rate + softmax passes at bandwidth) / measured."""
     ideal = (matmul_factor * forward_flops_per_token(cfg) / limits["sgemm_flops"]
-             + passes * 4 * V / limits["bandwidth_bytes"])
+             + passes * 4 * vocab_size(cfg) / limits["bandwidth_bytes"])
     return ideal / seconds_per_token
 
 
@@ -248,9 +282,10 @@ def main():
     parser.add_argument("--no-cuda-graph", action="store_true", help="CuPy: run each step eagerly")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--output", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(*args.one, args.iters, args.warmup, not args.no_cuda_graph)))
+        print(json.dumps(measure_one(*args.one, args.iters, args.warmup, not args.no_cuda_graph, args.output)))
         return 0
     if args.quick:
         args.iters, args.warmup, args.repeat = 8, 2, 1
@@ -273,30 +308,36 @@ def main():
         cfg = CONFIGS[config]
         for backend in backends:
             peer_impl = ("torch-cuda" if backend == "cupy" else "torch-cpu") if use_torch else None
-            row = measure_pair(cfg, config, backend, peer_impl, limits, args)
-            rows.append(row)
-            print_row(row)
+            pair = {}
+            for output in cfg.get("outputs", ("full",)):
+                row = pair[output] = measure_pair(cfg, config, backend, peer_impl, limits, args, output)
+                rows.append(row)
+                print_row(row)
+            if len(pair) == 2:
+                rows.append(adaptive_speedup(config, backend, pair["full"], pair["adaptive"]))
+                print_speedup(rows[-1])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "batch": B, "time": T, "vocab": V, "iters": args.iters,
-                       "results": rows}, f, indent=2)
+            json.dump({"machine": machine, "batch": B, "time": T, "iters": args.iters, "results": rows}, f, indent=2)
     return 0
 
 
-def measure_pair(cfg, config, backend, peer_impl, limits, args):
+def measure_pair(cfg, config, backend, peer_impl, limits, args, output="full"):
     """`args.repeat` back-to-back pairs (gpurnn, then the peer): each rate is the median over the
     repeats, each ratio the median of the pairs' ratios (a pair shares the machine's state of the
     moment, which on a shared VM drifts by tens of percent), with the pairs' range beside it."""
     ours, peer = [], []
     for _ in range(args.repeat):
-        ours.append(in_child(config, backend, args))
+        ours.append(in_child(config, backend, args, output))
         if peer_impl:
-            peer.append(in_child(config, peer_impl, args))
-    row = {"config": config, "backend": backend, "device": ours[0]["device"], "repeats": args.repeat,
+            peer.append(in_child(config, peer_impl, args, output))
+    label = config if "outputs" not in cfg else f"{config}/{output}"
+    row = {"config": label, "vocab": vocab_size(cfg), "backend": backend, "device": ours[0]["device"],
+           "repeats": args.repeat,
            "train_tok_s": median(B * T / o["train_s"] for o in ours),
            "eval_tok_s": median(B * T / o["eval_s"] for o in ours),
            "peak_rss_mb": max(o["peak_rss_bytes"] for o in ours) / 2**20}
-    if backend == "numpy":
+    if backend == "numpy" and output == "full":
         row["train_limit_fraction"] = limit_fraction(cfg, limits, 1 / row["train_tok_s"], 4, 3)
         row["eval_limit_fraction"] = limit_fraction(cfg, limits, 1 / row["eval_tok_s"], 2, 1)
     if "device_peak_bytes" in ours[0]:
@@ -317,8 +358,28 @@ def measure_pair(cfg, config, backend, peer_impl, limits, args):
     return row
 
 
+def adaptive_speedup(config, backend, full, adaptive):
+    """How much faster the adaptive softmax trains and evaluates than the full one, in gpurnn (and in
+    PyTorch when it ran)."""
+    row = {"config": f"{config}/adaptive-vs-full", "backend": backend}
+    for who in ("", "torch_"):
+        for phase in ("train", "eval"):
+            key = f"{who}{phase}_tok_s"
+            if key in full:
+                row[f"{who}{phase}_speedup"] = adaptive[key] / full[key]
+    return row
+
+
+def print_speedup(row):
+    line = (f"{row['config']:<20} {row['backend']:<6} adaptive / full softmax: train {row['train_speedup']:.2f}x "
+            f"eval {row['eval_speedup']:.2f}x")
+    if "torch_train_speedup" in row:
+        line += f" | torch train {row['torch_train_speedup']:.2f}x eval {row['torch_eval_speedup']:.2f}x"
+    print(line, flush=True)
+
+
 def print_row(row):
-    line = (f"{row['config']:<12} {row['backend']:<6} train {row['train_tok_s']:>8,.0f} tok/s  "
+    line = (f"{row['config']:<20} {row['backend']:<6} train {row['train_tok_s']:>8,.0f} tok/s  "
             f"eval {row['eval_tok_s']:>8,.0f} tok/s  rss {row['peak_rss_mb']:>6,.0f} MB")
     if "train_limit_fraction" in row:
         line += f"  limit {row['train_limit_fraction']:.0%}/{row['eval_limit_fraction']:.0%}"
@@ -326,7 +387,7 @@ def print_row(row):
         spread = {k: "{:.2f}-{:.2f}".format(*row[f"{k}_ratio_range"]) for k in ("train", "eval")}
         line += (f" | torch {row['torch_train_tok_s']:>8,.0f} / {row['torch_eval_tok_s']:>8,.0f}"
                  f"  ratio train {row['train_ratio']:.2f}x ({spread['train']}) eval {row['eval_ratio']:.2f}x"
-                 f" ({spread['eval']})")
+                 f" ({spread['eval']})  rss {row['torch_peak_rss_mb']:,.0f} MB")
     print(line, flush=True)
 
 

@@ -4,6 +4,7 @@
 Uses scripts/bench.py's configurations and data; run it on a quiet machine.
 
     python scripts/profile_step.py --config small-rnn --backend numpy
+    python scripts/profile_step.py --config large-vocab --output adaptive
     python scripts/profile_step.py --model-config scripts/ptb_lstm.toml --optimizer adam
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench import B, CLIP, CONFIGS, LR, T, V, batches, preset_options  # noqa: E402
+from bench import B, CLIP, CONFIGS, LR, T, batches, preset_options, vocab_size  # noqa: E402
 
 from gpurnn.backend import get_backend  # noqa: E402
 from gpurnn.model import Model, preset_specs  # noqa: E402
@@ -30,14 +31,16 @@ def main():
     parser.add_argument("--config", default="small-rnn", choices=list(CONFIGS))
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--model-config", metavar="TOML", help="a model file instead of --config's preset")
+    parser.add_argument("--output", default="full", choices=["full", "adaptive"],
+                        help="the config's output layer (adaptive: configs with cutoffs, such as large-vocab)")
     parser.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS))
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     backend = get_backend(args.backend)
     cfg = CONFIGS[args.config]
     specs = load_model_config(args.model_config) if args.model_config else preset_specs(
-        cfg["preset"], **preset_options(cfg))
-    model = Model(specs, V, backend, Registry(), seed=0)
+        cfg["preset"], **preset_options(cfg, args.output))
+    model = Model(specs, vocab_size(cfg), backend, Registry(), seed=0)
     model.train()
     opt = OPTIMIZERS[args.optimizer](lr=LR)
     totals = defaultdict(float)
@@ -50,7 +53,7 @@ def main():
         totals[name] += time.perf_counter() - start
         return out
 
-    data = [(backend.asarray(x), backend.asarray(t)) for x, t in batches(args.iters + 2)]
+    data = [(backend.asarray(x), backend.asarray(t)) for x, t in batches(args.iters + 2, cfg=cfg)]
     for step, (xs, ts) in enumerate(data):
         if step == 2:
             totals.clear()  # warm-up done

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 from gpurnn import ops
-from gpurnn.backend import get_backend
+from gpurnn.backend import array_module, get_backend
 from gpurnn.data.stream import IGNORE
 from gpurnn.model import Model
 from gpurnn.ops import kernels
@@ -103,6 +103,26 @@ def check_ops(checks, rng):
         case = f"softmax {rows} x {V}{', targets outside' if outside else ''}"
         checks.close(f"{case}: loss", loss_d, loss_h)
         checks.close(f"{case}: gradient", grad_d, grad_h)
+
+    N, D, V = 23, 6, 30  # the adaptive softmax: head words [0, 6), clusters [6, 13) and [13, 30)
+    t = rng.integers(0, V, N).astype(np.int32)
+    t[:5] = [0, 5, 12, 29, IGNORE]
+    weights = [rng.standard_normal(shape) for shape in ((D, 8), (8,), (D, 3), (3, 7), (D, 1), (1, 17))]
+
+    def adaptive(h, t, head, bias, P1, O1, P2, O2, *grads):
+        weights = (head, bias, [(P1, O1), (P2, O2)])
+        loss, cache = ops.adaptive_softmax_loss(h, t, weights, ops.AdaptiveClusters([6, 13], V, array_module(h)),
+                                                IGNORE, ops.Workspace())
+        g_head, g_bias, gP1, gO1, gP2, gO2 = grads
+        return loss, ops.adaptive_softmax_loss_backward(cache, 1.5, weights,
+                                                        (g_head, g_bias, [(gP1, gO1), (gP2, gO2)]))
+
+    host, device, (loss_h, dh_h), (loss_d, dh_d) = on_both(
+        checks, adaptive, rng.standard_normal((N, D)), t, *weights, *[np.zeros_like(w) for w in weights])
+    checks.close("adaptive softmax: loss", loss_d, loss_h)
+    checks.close("adaptive softmax: input gradient", dh_d, dh_h)
+    checks.close("adaptive softmax: weight gradients", np.concatenate([checks.host(g).ravel() for g in device[8:]]),
+                 np.concatenate([g.ravel() for g in host[8:]]))
 
     for vocab in (6, 300, 70_000):  # one, two and three radix passes
         index = np.concatenate([rng.integers(0, 5, 500), rng.integers(0, vocab, 500)]).astype(np.int32)

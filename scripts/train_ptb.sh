@@ -7,10 +7,8 @@
 # rate as the checkpoint left it).
 # Usage: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR]
 #
-# Penn Treebank is not shipped or downloaded here: the script reads ptb.train.txt, ptb.valid.txt and
-# ptb.test.txt (Mikolov's preprocessed PTB, the data/ folder of his RNNLM "simple-examples" archive)
-# from $GPURNN_PTB_DIR, default ../shared/data/ptb relative to the repository root, and stops with
-# one line when they are not there.
+# Penn Treebank's text comes from $GPURNN_PTB_DIR (scripts/ptb_corpus.sh says how); the script stops
+# with one line when it is not there.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 model="${1:-}"
@@ -19,14 +17,11 @@ case "$model" in
     lstm) schedule="--epochs 14 --eval-every 664" ;;  # validation twice per epoch
     *) echo "error: name the model: bash scripts/train_ptb.sh rnn|lstm [RUN_DIR] (got '$model')" >&2; exit 2 ;;
 esac
-ptb="${GPURNN_PTB_DIR:-$repo/../shared/data/ptb}"
-for split in train valid test; do
-    [ -f "$ptb/ptb.$split.txt" ] || { echo "error: no $ptb/ptb.$split.txt: set GPURNN_PTB_DIR to the folder holding ptb.{train,valid,test}.txt" >&2; exit 2; }
-done
+source "$repo/scripts/ptb_corpus.sh"
+ptb_check
 run="${2:-$repo/runs/ptb-$model}"
 mkdir -p "$run"
-[ -f "$run/ptb.h5" ] || gpurnn prepare "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" \
-    --test "$ptb/ptb.test.txt" --output "$run/ptb.h5"
+ptb_prepare "$run/ptb.h5"
 
 start="--lr 1e-3"
 [ -f "$run/checkpoint.h5" ] && start="--resume"

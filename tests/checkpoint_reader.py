@@ -1,4 +1,5 @@
-"""Logits from a gpurnn checkpoint with h5py and NumPy alone, following docs/checkpoint-format.md.
+"""Logits from a gpurnn checkpoint with h5py and NumPy alone, following docs/checkpoint-format.md (for
+a model ending in the adaptive softmax, its log-probabilities over the vocabulary).
 
 It imports nothing of gpurnn: tests/test_checkpoint_format.py runs it in a process where gpurnn cannot
 be imported and compares its logits with gpurnn's. Usage: python checkpoint_reader.py CK.h5 IDS.npy OUT.npy
@@ -66,6 +67,24 @@ def recurrent(kind, p, xs):
     return np.stack(out, axis=1)
 
 
+def log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def adaptive_log_prob(p, cutoffs, vocab_size, h):
+    """The adaptive softmax's log-distribution (B, T, V): head words, then each cluster's."""
+    head, attrs = p["head"]
+    expect(attrs, "h @ head (+ head_bias): the head words, then one score per cluster", "input, head words + clusters")
+    head_lp = log_softmax(h @ head + (p["head_bias"][0] if "head_bias" in p else 0))
+    bounds = [*cutoffs, vocab_size]
+    parts = [head_lp[..., :bounds[0]]]
+    for k in range(len(cutoffs)):
+        cluster = log_softmax(h @ p[f"proj{k}"][0] @ p[f"out{k}"][0])
+        parts.append(cluster + head_lp[..., bounds[0] + k, None])
+    return np.concatenate(parts, axis=-1)
+
+
 def logits(path, ids):
     """(B, T, V) logits of the checkpoint's model for token ids (B, T), from a zero state."""
     meta, params = read(path)
@@ -84,6 +103,8 @@ def logits(path, ids):
             x = x @ W + p["b"][0]
         elif kind == "softmax_loss":
             return x
+        elif kind == "adaptive_softmax_loss":
+            return adaptive_log_prob(p, spec["cutoffs"], meta["vocab_size"], x)
         elif kind != "dropout":  # dropout is the identity outside training
             raise ValueError(f"this reader knows no layer type {kind!r}")
     raise ValueError("no loss layer")

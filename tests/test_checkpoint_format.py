@@ -48,11 +48,15 @@ def train(capsys, tmp_path, *model):
     return ck
 
 
-@pytest.mark.parametrize("model", ["simple-rnnlm", "rnnlm", "tied-lstm"])
+@pytest.mark.parametrize("model", ["simple-rnnlm", "rnnlm", "tied-lstm", "adaptive"])
 def test_logits_rebuilt_with_h5py_alone_match_gpurnn(capsys, tmp_path, model):
+    """Logits, or for the adaptive softmax the log-distribution (`Model.log_prob`)."""
     if model == "tied-lstm":
         (tmp_path / "m.toml").write_text(TIED_LSTM)
         options = ["--model-config", str(tmp_path / "m.toml")]
+    elif model == "adaptive":
+        options = ["--model", "rnnlm", "--wordvec-size", "8", "--hidden-size", "8", "--output-layer", "adaptive",
+                   "--cutoffs", "50,150", "--div-value", "2"]
     else:
         options = ["--model", model, "--wordvec-size", "8", "--hidden-size", "8"]
     ck = train(capsys, tmp_path, *options)
@@ -62,7 +66,8 @@ def test_logits_rebuilt_with_h5py_alone_match_gpurnn(capsys, tmp_path, model):
     subprocess.run([sys.executable, "-c", block_gpurnn + "runpy.run_path(sys.argv[0], run_name='__main__')",
                     str(READER), str(ck), str(tmp_path / "ids.npy"), str(tmp_path / "out.npy")], check=True)
     outside = np.load(tmp_path / "out.npy")
-    gpurnn = model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), Registry()).predict(ids)
+    loaded = model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), Registry())
+    gpurnn = loaded.log_prob(ids) if model == "adaptive" else loaded.predict(ids)
     assert outside.shape == gpurnn.shape == (3, 6, 418)
     np.testing.assert_allclose(outside, gpurnn, rtol=1e-4, atol=1e-5)
 

@@ -233,12 +233,13 @@ def test_generate_greedy_and_stop_at_eos(capsys, checkpoint):
     assert min(len(s.split()) for s in samples) < 200
 
 
-def test_train_ptb_script_says_where_ptb_comes_from(tmp_path):
+@pytest.mark.parametrize("script, args", [("train_ptb.sh", ["rnn"]), ("ptb_adaptive.sh", [])])
+def test_the_ptb_scripts_say_where_ptb_comes_from(tmp_path, script, args):
     import os
     import subprocess
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train_ptb.sh"
+    script = Path(__file__).resolve().parents[1] / "scripts" / script
     env = this_python_first({**os.environ, "GPURNN_PTB_DIR": str(tmp_path / "nowhere")})
-    done = subprocess.run(["bash", str(script), "rnn", str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    done = subprocess.run(["bash", str(script), *args, str(tmp_path / "run")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"no {tmp_path / 'nowhere'}/ptb.train.txt: set GPURNN_PTB_DIR" in done.stderr
     assert not (tmp_path / "run").exists()

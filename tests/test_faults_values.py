@@ -151,7 +151,7 @@ def test_an_oversized_eval_batch_is_lowered_with_a_note_and_scores_the_same(trai
 
 def test_evaluation_memory_is_bounded_whatever_the_batch_size():
     class Model:
-        vocab_size = 10_000
+        vocab_size = logits_per_row = 10_000
     lanes = lanes_for(Model(), 82_429, 100_000, 35)
     assert lanes * 35 * 10_000 <= MAX_BLOCK_LOGITS and lanes >= 1
 

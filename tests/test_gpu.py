@@ -20,8 +20,12 @@ from .conftest import requires_gpu
 V, B, T = 13, 3, 4
 
 
-def specs():
-    """A tied two-LSTM model with dropout: every kind of op a step runs."""
+def specs(output="full"):
+    """A tied two-LSTM model with dropout: every kind of op a step runs; or, with the "adaptive" output,
+    an LSTM with dropout ending in the adaptive softmax (a head of 4 words and two clusters)."""
+    if output == "adaptive":
+        return preset_specs("rnnlm", wordvec_size=6, hidden_size=8, dropout=0.3, output_layer="adaptive",
+                            cutoffs=[4, 8], div_value=2.0)
     return preset_specs("better-rnnlm", wordvec_size=6, hidden_size=6, dropout=0.3)
 
 
@@ -31,8 +35,8 @@ def batches(count, seed=0):
             for _ in range(count)]
 
 
-def trainer(backend, registry, graph=True):
-    model = Model(specs(), V, backend, registry, seed=3)
+def trainer(backend, registry, graph=True, output="full"):
+    model = Model(specs(output), V, backend, registry, seed=3)
     return Trainer(model, Adam(lr=0.01), None, TrainConfig(batch_size=B, time_size=T, clip=0.5, cuda_graph=graph))
 
 
@@ -134,20 +138,22 @@ def test_eager_and_captured_work_share_the_backends_one_stream(registry):
 
 
 @requires_gpu
+@pytest.mark.parametrize("output", ["full", "adaptive"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
-def test_cupy_training_steps_equal_numpy(registry, dtype, tol):
+def test_cupy_training_steps_equal_numpy(registry, dtype, tol, output):
     data = batches(6)
-    np_losses, np_params = run(trainer(get_backend("numpy", dtype), registry), data)
-    cp_losses, cp_params = run(trainer(get_backend("cupy", dtype), registry, graph=False), data)
+    np_losses, np_params = run(trainer(get_backend("numpy", dtype), registry, output=output), data)
+    cp_losses, cp_params = run(trainer(get_backend("cupy", dtype), registry, graph=False, output=output), data)
     np.testing.assert_allclose(cp_losses, np_losses, rtol=tol)
     np.testing.assert_allclose(cp_params, np_params, rtol=tol, atol=tol * np.abs(np_params).max())
 
 
 @requires_gpu
-def test_the_cuda_graph_step_equals_the_eager_step_bit_for_bit(registry):
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_the_cuda_graph_step_equals_the_eager_step_bit_for_bit(registry, output):
     data = batches(8)
-    eager = run(trainer(get_backend("cupy", "float64"), registry, graph=False), data)
-    tr = trainer(get_backend("cupy", "float64"), registry, graph=True)
+    eager = run(trainer(get_backend("cupy", "float64"), registry, graph=False, output=output), data)
+    tr = trainer(get_backend("cupy", "float64"), registry, graph=True, output=output)
     graphed = run(tr, data)
     assert tr.graph.graph is not None and not tr.graph.failed  # it was captured and replayed
     assert eager[0] == graphed[0]
@@ -172,10 +178,11 @@ def test_a_resumed_gpu_run_with_dropout_is_bit_identical(registry):
 
 
 @requires_gpu
-def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(registry):
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(registry, output):
     from gpurnn.train.evaluate import perplexity
 
-    model = Model(specs(), V, get_backend("cupy", "float64"), registry, seed=3)
+    model = Model(specs(output), V, get_backend("cupy", "float64"), registry, seed=3)
     ids = np.random.default_rng(5).integers(0, V, 200).astype(np.int32)
     assert perplexity(model, ids, 3, T, cuda_graph=True) == perplexity(model, ids, 3, T, cuda_graph=False)
 

@@ -115,7 +115,7 @@ def test_training_at_ptb_shapes_with_whole_blocks_of_threads_agrees_with_numpy(t
     done = with_stand_in([str(TESTS.parent / "scripts/sanitize_kernels.py"), *args], tmp_path,
                          HOST_KERNELS_BLOCKS="full")
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("sanitize_kernels: passed: 33 of 33 checks") and "never launched" not in last, done.stdout
+    assert last.startswith("sanitize_kernels: passed: 36 of 36 checks") and "never launched" not in last, done.stdout
 
 
 FAKE_SANITIZER = r"""#!/usr/bin/env bash
@@ -152,10 +152,10 @@ def test_the_sanitizer_step_reports_each_tool_and_its_errors(tmp_path):
     lines = summary.read_text().splitlines()
     assert done.returncode == 1, done.stdout + done.stderr
     passed = "========= ERROR SUMMARY: 0 errors sanitize_kernels: passed: "
-    assert lines[0].startswith(f"sanitizer memcheck (rc 0, at most 70 s): {passed}33 of 33 checks")
+    assert lines[0].startswith(f"sanitizer memcheck (rc 0, at most 70 s): {passed}36 of 36 checks")
     assert lines[1].startswith("sanitizer racecheck (rc 3, at most 40 s): ========= RACECHECK SUMMARY: 1 hazard")
     assert lines[2].startswith("========= Error: Race reported between Write access at softmax_rows")
-    assert lines[3].startswith(f"sanitizer synccheck (rc 0, at most 30 s): {passed}24 of 24 checks")
+    assert lines[3].startswith(f"sanitizer synccheck (rc 0, at most 30 s): {passed}27 of 27 checks")
     assert lines[4].startswith("sanitizer initcheck (rc 0, at most 40 s): ") and len(lines) == 5
 
 

@@ -189,6 +189,30 @@ def test_an_id_outside_the_table_is_skipped_by_the_kernel(dtype):
     np.testing.assert_array_equal(target, expected)
 
 
+def test_adaptive_softmax_gathered_on_numpy_and_masked_by_the_kernels(dtype):
+    """NumPy gathers each cluster's rows; the kernels bucket the targets and score every row in place:
+    the same loss, gradients and input gradient, with ignored targets among them."""
+    N, D, V = 23, 6, 30
+    t = RNG.integers(0, V, N).astype(np.int32)
+    t[[0, 1, 2, 3, 4]] = [0, 5, 12, 29, -1]  # the head, each cluster, an ignored target
+    weights = (rand(dtype, D, 8), rand(dtype, 8), [(rand(dtype, D, 3), rand(dtype, 3, 7)),
+                                                  (rand(dtype, D, 1), rand(dtype, 1, 17))])
+    grads = [np.zeros_like(weights[0]), np.zeros_like(weights[1]), [(np.zeros_like(P), np.zeros_like(O))
+                                                                   for P, O in weights[2]]]
+    clusters = ops.AdaptiveClusters([6, 13], V, np)
+
+    def loss_and_grads(h):
+        loss, cache = ops.adaptive_softmax_loss(h, t, weights, clusters, -1, ops.Workspace())
+        dh = ops.adaptive_softmax_loss_backward(cache, 1.5, weights, grads)
+        return float(loss), dh, [grads[0].copy(), grads[1].copy(), [a.copy() for pair in grads[2] for a in pair]]
+
+    _, _, (loss_h, dh_h, g_h), (loss_k, dh_k, g_k) = both(loss_and_grads, rand(dtype, N, D))
+    assert loss_k == pytest.approx(loss_h, rel=tol(dtype))
+    np.testing.assert_allclose(dh_k, dh_h, rtol=tol(dtype), atol=tol(dtype))
+    for a, b in zip([g_h[0], g_h[1], *g_h[2]], [g_k[0], g_k[1], *g_k[2]]):
+        np.testing.assert_allclose(b, a, rtol=tol(dtype), atol=tol(dtype))
+
+
 def test_dropout_masks_are_identical(dtype):
     step = np.array([41], np.uint32)
     host, kern, _, _ = both(lambda x, out: ops.dropout(x, out, 0.3, 99, step, 4), rand(dtype, 5, 6, 7),
@@ -217,7 +241,8 @@ def test_optimizer_updates(dtype, clip):
     assert_same(host, kern, tol(dtype))
 
 
-@pytest.mark.parametrize("preset,extra", [("simple-rnnlm", {}), ("better-rnnlm", {"dropout": 0.4})])
+@pytest.mark.parametrize("preset,extra", [("simple-rnnlm", {}), ("better-rnnlm", {"dropout": 0.4}),
+                                          ("rnnlm", {"output_layer": "adaptive", "cutoffs": [3, 7], "div_value": 2.0})])
 def test_whole_training_steps_agree(registry, preset, extra):
     """A model trained three steps through the NumPy bodies and through the kernels (float64)."""
     backend = get_backend("numpy", "float64")

@@ -120,6 +120,22 @@ def test_default_init_follows_the_textbook(registry):
         init_matrix(rng, (2, 2), "uniform:x", 2)
 
 
+@pytest.mark.parametrize("scheme", ["default", "normal:0.01", "uniform:0.1", "xavier"])
+def test_init_drawn_in_blocks_is_one_draw_and_float32_its_rounding(monkeypatch, scheme):
+    """A vocabulary-sized table is drawn a block of rows at a time (never whole in float64): the same
+    numbers as one draw, and in float32 exactly those numbers rounded."""
+    rng = np.random.default_rng
+    whole = {"default": rng(3).standard_normal((1000, 7)) / np.sqrt(1000),
+             "normal:0.01": rng(3).standard_normal((1000, 7)) * 0.01,
+             "uniform:0.1": rng(3).uniform(-0.1, 0.1, (1000, 7)),
+             "xavier": rng(3).uniform(-np.sqrt(6 / 1007), np.sqrt(6 / 1007), (1000, 7))}[scheme]
+    monkeypatch.setattr("gpurnn.layers.INIT_BLOCK", 100)  # 14 rows a block
+    np.testing.assert_array_equal(init_matrix(rng(3), (1000, 7), scheme, 1000), whole)
+    single = init_matrix(rng(3), (1000, 7), scheme, 1000, dtype=np.float32)
+    assert single.dtype == np.float32
+    np.testing.assert_array_equal(single, whole.astype(np.float32))
+
+
 def test_float32_backend_gives_float32(registry):
     from gpurnn.backend import get_backend
     layer = rnn(registry, get_backend("numpy"))

@@ -115,6 +115,21 @@ class Corpus:
                 "most_frequent": [[self.vocab[i], int(self.counts[i])] for i in order],
                 "sources": self.sources}
 
+    def require_frequency_order(self, needed_by):
+        """Refuse a vocabulary that is not sorted most frequent first by the train split's counts (the
+        special tokens aside: `prepare` places them by rule); `needed_by` names what needs the order."""
+        ordinary = np.ones(len(self.vocab), bool)
+        ordinary[[self.vocab.index[t] for t in self.special_tokens if t in self.vocab]] = False
+        ids = np.flatnonzero(ordinary)
+        counts = self.counts[ids]
+        rises = np.flatnonzero(counts[1:] > counts[:-1])
+        if len(rises):
+            before, after = ids[rises[0]], ids[rises[0] + 1]
+            raise DataError(f"{self.path or 'the corpus'}: {needed_by} needs a vocabulary sorted most frequent "
+                            f"first, and {self.vocab[after]!r} (id {after}, {self.counts[after]:,} times in train) "
+                            f"comes after {self.vocab[before]!r} (id {before}, {self.counts[before]:,} times); "
+                            f"make the corpus with `gpurnn prepare`, which sorts it")
+
     def close(self):
         if self._file is not None:
             self._file.close()

@@ -11,6 +11,7 @@ op family:
     linear     matrix products the layers share (on CuPy: cuBLAS GEMMs called directly, so they capture)
     cells      recurrent cells (Elman, LSTM, GRU), forward and backward steps
     losses     softmax cross-entropy over the vocabulary
+    adaptive   the adaptive softmax for large vocabularies, and normalised log-distributions
     embedding  the embedding's backward (rows added at repeated indices)
     dropout    masks from a counter-based hash
     updates    optimizer updates over flat buffers
@@ -20,6 +21,8 @@ norm, the dropout step) are read from device memory by the kernels, so a whole t
 be captured once as a CUDA graph and replayed.
 """
 
+from .adaptive import (AdaptiveClusters, Workspace, adaptive_log_prob, adaptive_softmax_loss,
+                       adaptive_softmax_loss_backward, log_softmax)
 from .cells import (gru_cell, gru_cell_backward, lstm_backward_factors, lstm_cell, lstm_cell_backward,
                     rnn_cell, rnn_cell_backward, sigmoid)
 from .dropout import dropout, dropout_key
@@ -31,9 +34,10 @@ from .threads import cpu_threads, for_row_blocks, recurrent_loop, step_matmul, t
 from .updates import adam_update, clip_factor, sgd_update, squared_norm
 
 __all__ = [
-    "KERNELS", "adam_update", "bind_cublas_to_current_stream", "clip_factor", "column_sums", "cpu_threads",
-    "dropout", "dropout_key", "for_row_blocks", "gru_cell", "gru_cell_backward", "kernel_source",
-    "lstm_backward_factors", "lstm_cell", "lstm_cell_backward", "matmul", "recurrent_loop", "rnn_cell",
-    "rnn_cell_backward", "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy",
+    "AdaptiveClusters", "KERNELS", "Workspace", "adam_update", "adaptive_log_prob", "adaptive_softmax_loss",
+    "adaptive_softmax_loss_backward", "bind_cublas_to_current_stream", "clip_factor", "column_sums",
+    "cpu_threads", "dropout", "dropout_key", "for_row_blocks", "gru_cell", "gru_cell_backward", "kernel_source",
+    "log_softmax", "lstm_backward_factors", "lstm_cell", "lstm_cell_backward", "matmul", "recurrent_loop",
+    "rnn_cell", "rnn_cell_backward", "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy",
     "softmax_cross_entropy_backward", "squared_norm", "step_matmul", "training_threads",
 ]

@@ -30,8 +30,9 @@ def perplexity_of_loss(mean_loss):
 
 
 def lanes_for(model, positions, batch_size, time_size):
-    """The lanes an evaluation uses: each holds a block, and a block's logits stay within MAX_BLOCK_LOGITS."""
-    by_memory = max(1, MAX_BLOCK_LOGITS // (time_size * max(model.vocab_size, 1)))
+    """The lanes an evaluation uses: each holds a block, and a block's logits (the scores the loss layer
+    holds at once, `Model.logits_per_row` per position) stay within MAX_BLOCK_LOGITS."""
+    by_memory = max(1, MAX_BLOCK_LOGITS // (time_size * max(model.logits_per_row, 1)))
     return eval_lanes(positions, min(batch_size, by_memory), time_size)
 
 

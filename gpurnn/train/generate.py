@@ -1,4 +1,5 @@
-"""Sampling text from a trained model: a prompt, then one token at a time from the softmax.
+"""Sampling text from a trained model: a prompt, then one token at a time from the model's distribution
+(`Model.log_prob`, whatever its output layer).
 
 Sampling draws from a NumPy generator seeded by the caller, on the host, so the same seed gives the
 same text; several samples are drawn side by side, one batch lane each. Prompts are tokenized, and samples turned back into text, by the data package's rules.
@@ -39,7 +40,8 @@ def generate_texts(model, vocab, level, prompt="", length=50, temperature=1.0, t
 
 
 def next_tokens(logits, temperature, top_k, rng):
-    """One token id per row of host logits (N, V): greedy at temperature 0, else sampled."""
+    """One token id per row of host logits or log-probabilities (N, V): greedy at temperature 0, else
+    sampled from softmax(logits / temperature)."""
     if top_k and top_k < logits.shape[1]:
         dropped = np.argsort(logits, axis=1)[:, :-top_k]
         np.put_along_axis(logits, dropped, -np.inf, axis=1)
@@ -67,15 +69,17 @@ def sample(model, ids, length, temperature=1.0, top_k=None, seed=0, num_samples=
     model.eval()
     model.reset_state()
     lanes = np.tile(np.asarray(ids, np.int32), (num_samples, 1))
-    logits = model.predict(backend.asarray(lanes))[:, -1]
+    if lanes.shape[1] > 1:  # the prompt's state; the distribution is needed after its last token only
+        model.predict(backend.asarray(lanes[:, :-1]))
+    log_p = model.log_prob(backend.asarray(lanes[:, -1:]))[:, -1]
     out, stopped = [], np.zeros(num_samples, bool)
     for _ in range(length):
-        tokens = next_tokens(backend.to_host(logits).astype(np.float64), temperature, top_k, rng)
+        tokens = next_tokens(backend.to_host(log_p).astype(np.float64), temperature, top_k, rng)
         out.append(tokens)
         if stop_id is not None:
             stopped |= tokens == stop_id
             if stopped.all():
                 break
-        logits = model.predict(backend.asarray(tokens[:, None].astype(np.int32)))[:, -1]
+        log_p = model.log_prob(backend.asarray(tokens[:, None].astype(np.int32)))[:, -1]
     rows = np.stack(out, axis=1).tolist() if out else [[] for _ in range(num_samples)]
     return [row[: row.index(stop_id) + 1] if stop_id in row else row for row in rows]

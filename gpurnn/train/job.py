@@ -146,6 +146,9 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
             if "log_every" not in chosen:
                 config.log_every = min(stream.steps_per_epoch, 100)
             model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed, first_lane=lanes[0])
+            for spec, layer in zip(model.specs, model.layers):
+                if getattr(layer, "needs_frequency_order", False):  # such as the adaptive softmax's cutoffs
+                    corpus.require_frequency_order(f"layer {spec['type']!r}")
             valid = corpus.split("valid")[:] if "valid" in corpus.splits else None
             trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
                               valid_ids=valid if valid is not None and len(valid) > 1 else None,
