@@ -2,6 +2,7 @@
 
 from gpurnn.data.stream import IGNORE
 from gpurnn.errors import SpecError
+from gpurnn.export import LayerExport, identity_at_inference
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer
 from gpurnn.ops import log_softmax, softmax_cross_entropy, softmax_cross_entropy_backward
@@ -58,3 +59,8 @@ class TimeSoftmaxWithLoss(Layer):
 @hookimpl
 def gpurnn_layer_types():
     return {"softmax_loss": TimeSoftmaxWithLoss}
+
+
+@hookimpl
+def gpurnn_layer_exports():
+    return {"softmax_loss": LayerExport(identity_at_inference)}  # the graph's output is the logits it scores

@@ -11,8 +11,8 @@ import pytest
 from gpurnn.export.onnx_graph import OPSET
 from gpurnn.train.checkpoint import load_checkpoint
 
-from .exportkit import EXAMPLE_PLUGIN, MODELS, PLUGIN_MODELS, all_checkpoints, gpurnn_model, plugins_of, \
-    relative_difference
+from .exportkit import EMBEDDING, EXAMPLE_PLUGIN, MODELS, PLUGIN_MODELS, all_checkpoints, gpurnn_model, \
+    plugins_of, random_checkpoint, relative_difference, tiny_corpus
 from .faultkit import assert_one_line_error, cli, litter
 
 onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'gpurnn[onnx]')")
@@ -106,6 +106,19 @@ def test_a_layer_type_without_an_export_is_named_in_one_line(checkpoints, tmp_pa
     code, _, err = cli("--plugin", plugin, "export", checkpoints["plugin"], out)
     assert_one_line_error(code, err, "layer 'relu_rnn' (type 'relu_rnn', from plugin", "has no ONNX export",
                           "gpurnn_layer_exports")
+    assert not out.exists() and litter(tmp_path) == []
+
+
+def test_a_loss_layer_without_an_export_is_refused_rather_than_its_input_taken_for_logits(tmp_path):
+    """The adaptive softmax computes its own scores from features: with no export of its own it is
+    refused in one line, never written out with the hidden features as `logits`."""
+    corpus = tiny_corpus(tmp_path)
+    ck = random_checkpoint(tmp_path, "adaptive", corpus, [EMBEDDING, {"type": "rnn", "hidden_size": 8},
+                                                          {"type": "adaptive_softmax_loss", "cutoffs": [6]}])
+    out = tmp_path / "m.onnx"
+    code, _, err = cli("export", ck, out)
+    assert_one_line_error(code, err, "layer 'adaptive_softmax_loss' (type 'adaptive_softmax_loss', from plugin",
+                          "has no ONNX export")
     assert not out.exists() and litter(tmp_path) == []
 
 

@@ -113,7 +113,7 @@ def onnx_model(model, registry, vocab, level="word"):
     helper = onnx.helper
     graph = OnnxGraph(model, onnx)
     x = IDS
-    for name, layer, spec in list(zip(model.names, model.layers, model.specs))[:-1]:  # not the loss layer
+    for name, layer, spec in zip(model.names, model.layers, model.specs):  # the loss layer gives the logits
         graph.scope = name
         x = export_layer(graph, registry, name, layer, spec["type"], x)
     graph.scope = LOGITS
@@ -129,7 +129,7 @@ def onnx_model(model, registry, vocab, level="word"):
                                    "gpurnn.level": level, "gpurnn.specs": json.dumps(model.specs)})
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the ONNX graph fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
     return proto
 
