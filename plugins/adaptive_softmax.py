@@ -60,7 +60,7 @@ class AdaptiveSoftmaxWithLoss(Layer):
         D = self.input_size = require_input_size(ctx, NAME)
         self.clusters = AdaptiveClusters(cutoffs, ctx.vocab_size, self.xp)
         self.ignore_index = ignore_index
-        dtype = ctx.backend.dtype  # head and outputs are vocabulary-sized: drawn straight into the dtype
+        dtype = ctx.backend.dtype  # every table drawn straight into the layer's dtype, as the guide says
         self.add_param("head", init_matrix(ctx.rng, (D, self.clusters.head_size), init, D, dtype))
         self.param_layout = {"head": ParamLayout("h @ head (+ head_bias): the head words, then one score per "
                                                  "cluster", "input, head words + clusters")}
@@ -70,7 +70,7 @@ class AdaptiveSoftmaxWithLoss(Layer):
         self.n_clusters = len(self.clusters.sizes)
         for k, (d, size) in enumerate(zip(projection_sizes(D, self.n_clusters, div_value), self.clusters.sizes)):
             lo, hi = self.clusters.bounds[k], self.clusters.bounds[k + 1]
-            self.add_param(f"proj{k}", init_matrix(ctx.rng, (D, d), init, D))
+            self.add_param(f"proj{k}", init_matrix(ctx.rng, (D, d), init, D, dtype))
             self.add_param(f"out{k}", init_matrix(ctx.rng, (d, size), init, d, dtype))
             self.param_layout[f"proj{k}"] = ParamLayout(f"h @ proj{k} @ out{k}: words {lo}..{hi - 1}", "input, projection")
             self.param_layout[f"out{k}"] = ParamLayout(f"h @ proj{k} @ out{k}: words {lo}..{hi - 1}",
