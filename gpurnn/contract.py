@@ -72,6 +72,8 @@ class LayerContract(Protocol):
     tie_to: str | None = None  # the name of a layer whose weight this one shares: then tie(source)
     # and add_tied_grads() are called by the model (see gpurnn.layers.Layer)
     param_layout: ClassVar[dict[str, ParamLayout]] = {}  # per parameter, for checkpoint readers
+    sparse_rows: dict[str, Array] | None = None  # a dict while the model allows row-sparse gradients:
+    # {name: rows written by the last backward}, the gradient zero elsewhere (see gpurnn.layers.Layer)
 
     def forward(self, x: Array) -> Array:
         """The output for input x; keeps what backward needs."""

@@ -51,12 +51,19 @@ class Layer:
     implements `tie(source)`, which the model calls once after building, and `add_tied_grads()`,
     which the model calls after backward (when the source has written its own gradients). The shared
     weight stays a parameter of the source only, so it is stored and updated once.
+
+    Row-sparse gradients: while the model sets `sparse_rows` to a dict (`Model.use_sparse_rows`:
+    nothing else writes this layer's gradients), a layer whose backward writes only some rows of a
+    gradient (the embedding) may clear only the rows it wrote the time before and record
+    `sparse_rows[name] = rows written`; the SGD update then reads and moves those rows alone. A layer
+    that records nothing keeps dense gradients, as it does while `sparse_rows` is None (the default).
     """
 
     is_loss = False
     takes_ids = False
     stateful = False
     tie_to = None
+    sparse_rows = None
     param_layout = {}
     layer_type = None  # the registered type name, set by the registry when it builds the layer
 

@@ -8,7 +8,9 @@ layer's weight, which stays one parameter of that layer (see `Model.backward`).
 
 All parameters live in one flat contiguous buffer (`flat_params`) and all gradients in another
 (`flat_grads`); each layer's `params` and `grads` are views into them. So the clip norm is one
-reduction, an optimizer step one pass over one array, and a data-parallel all-reduce one call.
+reduction, an optimizer step one pass over one array, and a data-parallel all-reduce one call. On
+the CPU the trainer also lets the embedding keep its gradient row-sparse (`use_sparse_rows`), so the
+SGD step reads only the rows of the table that the block used.
 """
 
 import copy
@@ -170,6 +172,28 @@ class Model:
             layer.adopt_buffers(flat_params[offset:offset + size], flat_grads[offset:offset + size])
             offset += size
         return flat_params, flat_grads
+
+    def use_sparse_rows(self, on=True):
+        """Let layers that can (the embedding) keep row-sparse gradients (see `gpurnn.layers.Layer`),
+        or make every gradient dense again. Only while nothing but the layer itself writes its
+        gradients: a weight another layer is tied to is left dense (the tied use adds a dense
+        gradient), and so is every layer when gradients are summed over ranks (their rows differ)."""
+        shared = {layer.tie_to for layer in self.tied}
+        for name, layer in zip(self.names, self.layers):
+            if hasattr(layer, "sparse_rows") and name not in shared:
+                layer.sparse_rows = {} if on else None
+
+    def sparse_segments(self):
+        """(start, stop, row_size, rows) in the flat buffers for each gradient that the last backward
+        left zero outside `rows`; empty while row-sparse gradients are off."""
+        segments, offset = [], 0
+        for layer in self.layers:
+            rows = getattr(layer, "sparse_rows", None) or {}
+            for name, p in layer.params.items():
+                if name in rows:
+                    segments.append((offset, offset + p.size, p.size // p.shape[0], rows[name]))
+                offset += p.size
+        return segments
 
     def views(self, flat):
         """{"layer.param": view} of a flat array laid out like `flat_params` (e.g. Adam's moments)."""

@@ -25,10 +25,20 @@ class TimeEmbedding(Layer):
         return self.params["W"][ids]
 
     def backward(self, dout):
-        """Sum each output row's gradient into its token's row; no V x D array per step."""
+        """Sum each output row's gradient into its token's row; no V x D array per step.
+
+        With row-sparse gradients on (`sparse_rows` a dict, see `gpurnn.layers.Layer`) only the rows
+        the last block wrote are cleared, and the rows this block writes are recorded: for a large
+        vocabulary neither this nor the update then passes over the whole table.
+        """
         dW = self.grads["W"]
-        dW[...] = 0
-        scatter_add_rows(dW, self.ids.ravel(), dout.reshape(-1, self.output_size))
+        ids = self.ids.ravel()
+        if self.sparse_rows is None:
+            dW[...] = 0
+        else:
+            dW[self.sparse_rows.get("W", slice(None))] = 0  # before the first block: every row
+            self.sparse_rows = {"W": self.xp.unique(ids)}
+        scatter_add_rows(dW, ids, dout.reshape(-1, self.output_size))
         return None
 
 

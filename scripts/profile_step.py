@@ -42,6 +42,7 @@ def main():
         cfg["preset"], **preset_options(cfg, args.output))
     model = Model(specs, vocab_size(cfg), backend, Registry(), seed=0)
     model.train()
+    model.use_sparse_rows(not backend.is_gpu)  # as the trainer does
     opt = OPTIMIZERS[args.optimizer](lr=LR)
     totals = defaultdict(float)
 
@@ -66,7 +67,7 @@ def main():
             d = clock(f"{name} backward", layer.backward, d)
         for layer in model.tied:
             clock("tied grads", layer.add_tied_grads)
-        clock("update (clipped)", opt.step, model.flat_params, model.flat_grads, CLIP)
+        clock("update (clipped)", opt.step, model.flat_params, model.flat_grads, CLIP, model.sparse_segments())
     total = sum(totals.values())
     print(f"{args.model_config or args.config} ({args.optimizer}) on {backend.name}: {1000 * total / args.iters:.1f} ms/step, "
           f"{B * T * args.iters / total:,.0f} tok/s")

@@ -63,6 +63,24 @@ def squared_norm(g):
     return total
 
 
+def _dense_ranges(size, sparse):
+    """The (lo, hi) ranges of [0, size) outside the sparse segments (given in any order)."""
+    ranges, lo = [], 0
+    for start, stop, _, _ in sorted(sparse, key=lambda segment: segment[0]):
+        if start > lo:
+            ranges.append((lo, start))
+        lo = stop
+    return ranges + [(lo, size)] if lo < size else ranges
+
+
+def _sgd_blocks(p, g, coef):
+    """p -= g * coef in cache-sized blocks on all cores."""
+    def block(lo, hi):
+        p[lo:hi] -= g[lo:hi] * coef
+
+    for_row_blocks(p, block, ELEMENT_BLOCK)
+
+
 def clip_factor(sumsq, max_norm):
     """min(1, max_norm / (sqrt(sumsq) + 1e-6)) on the host (NumPy; the kernels compute it themselves)."""
     return 1.0 if not max_norm else min(1.0, max_norm / (float(np.sqrt(sumsq)) + 1e-6))
@@ -79,19 +97,28 @@ extern "C" __global__ void sgd_update(T* p, const T* g, const T* sumsq, T max_no
 """
 
 
-def sgd_update(p, g, max_norm, lr):
+def sgd_update(p, g, max_norm, lr, sparse=()):
     """p -= lr * scale * g over flat arrays; scale clips the global norm to max_norm (0: no clip).
 
     `lr` is a 1-element array (on the device for CuPy), so a captured step reads each step's value.
+    `sparse` (NumPy): (start, stop, row_size, rows) segments of the flat buffers, each a table whose
+    gradient is zero outside `rows` this step (an embedding's: `Model.sparse_segments`); the norm and
+    the update read and move those rows alone, which for a large vocabulary is most of the buffer
+    skipped. The other parts are read whole.
     """
     xp = array_module(p)
     if xp is np:
-        coef = float(lr[0]) * clip_factor(squared_norm(g), max_norm) if max_norm else float(lr[0])
-
-        def block(lo, hi):
-            p[lo:hi] -= g[lo:hi] * coef
-
-        for_row_blocks(p, block, ELEMENT_BLOCK)
+        dense = _dense_ranges(p.size, sparse)
+        tables = [(p[start:stop].reshape(-1, row_size), rows) for start, stop, row_size, rows in sparse]
+        touched = [g[start:stop].reshape(-1, row_size)[rows] for start, stop, row_size, rows in sparse]
+        coef = float(lr[0])
+        if max_norm:
+            sumsq = sum(squared_norm(part) for part in [g[lo:hi] for lo, hi in dense] + touched)
+            coef *= clip_factor(sumsq, max_norm)
+        for lo, hi in dense:
+            _sgd_blocks(p[lo:hi], g[lo:hi], coef)
+        for (table, rows), grad_rows in zip(tables, touched):
+            table[rows] -= grad_rows * coef
         return
     sumsq = squared_norm(g) if max_norm else lr
     launch("sgd_update", p.dtype, p.size, (p, g, sumsq, dtype_scalar(p, max_norm or 0), lr, np.int64(p.size)))

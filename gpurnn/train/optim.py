@@ -27,10 +27,10 @@ class Optimizer:
             self.lr_now = array_module(params).zeros(1, params.dtype)
         self.lr_now[...] = value
 
-    def step(self, params, grads, max_norm=None):
+    def step(self, params, grads, max_norm=None, sparse=()):
         """prepare() then update(): one whole step, outside a captured graph."""
         self.prepare(params)
-        self.update(params, grads, max_norm)
+        self.update(params, grads, max_norm, sparse)
 
 
 class SGD(Optimizer):
@@ -42,8 +42,9 @@ class SGD(Optimizer):
     def prepare(self, params):
         self._set_rate(params, self.lr)
 
-    def update(self, params, grads, max_norm=None):
-        sgd_update(params, grads, max_norm or 0, self.lr_now)
+    def update(self, params, grads, max_norm=None, sparse=()):
+        """One clipped step; `sparse`: the gradient's row-sparse segments (`Model.sparse_segments`)."""
+        sgd_update(params, grads, max_norm or 0, self.lr_now, sparse)
 
     def state_dict(self, model):
         return {}
@@ -67,7 +68,9 @@ class Adam(Optimizer):
         self.t += 1
         self._set_rate(params, self.lr * math.sqrt(1 - self.beta2 ** self.t) / (1 - self.beta1 ** self.t))
 
-    def update(self, params, grads, max_norm=None):
+    def update(self, params, grads, max_norm=None, sparse=()):
+        """One clipped step over every parameter: Adam's moments move rows with a zero gradient too,
+        so `sparse` changes nothing here (the gradient buffer is whole either way)."""
         adam_update(params, grads, self.m, self.v, max_norm or 0, self.lr_now, self.beta1, self.beta2, self.eps)
 
     def state_dict(self, model):

@@ -105,6 +105,9 @@ class Trainer:
         self.on_notice = on_notice or (lambda message: None)
         self.best_path = best_path
         backend = model.backend
+        # Row-sparse embedding gradients save the CPU two passes over a large table per step; the
+        # GPU makes those passes at memory speed, and a captured step needs fixed shapes.
+        model.use_sparse_rows(self.group.size == 1 and not backend.is_gpu)
         self.graph = (CapturedStep(self._compute, backend, self._notice_once)
                       if backend.is_gpu and config.cuda_graph else None)
         self._noticed = set()
@@ -227,7 +230,7 @@ class Trainer:
         loss = model.forward(xs, ts)
         model.backward(self.group.loss_share)  # this rank's share of the global mean loss
         self.group.reduce_gradients(model.flat_grads)
-        self.optimizer.update(model.flat_params, model.flat_grads, self.config.clip)
+        self.optimizer.update(model.flat_params, model.flat_grads, self.config.clip, model.sparse_segments())
         return loss
 
     def _log(self, evaluate):
