@@ -16,6 +16,7 @@ streams. It takes effect for a cuBLAS handle made after it, which is every handl
 gpurnn unless the process had used cuBLAS through CuPy before choosing the backend.
 """
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -78,6 +79,21 @@ def device_stream(cupy):
     if not _STREAM:
         _STREAM.append(cupy.cuda.Stream(non_blocking=True))
     return _STREAM[0].use()
+
+
+@contextlib.contextmanager
+def using_stream(cupy, stream):
+    """Make `stream` CuPy's current stream within the block and restore the one current before.
+
+    Not `with stream:`: when the stream before was made current by `use()` (as `device_stream`
+    does), CuPy 14 leaves the legacy default stream current after such a block (cupy/cupy#8377),
+    and work queued there is not ordered with work on a non-blocking stream."""
+    before = cupy.cuda.get_current_stream()
+    stream.use()
+    try:
+        yield stream
+    finally:
+        before.use()
 
 
 def array_module(array):

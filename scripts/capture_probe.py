@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from gpurnn import ops
-from gpurnn.backend import get_backend
+from gpurnn.backend import get_backend, using_stream
 
 SIZES = [((700, 650), (650, 2600)), ((20, 650), (650, 2600)), ((650, 700), (700, 2600), "a.T"),
          ((700, 2600), (2600, 650), "b.T"), ((700,), (700, 2600))]  # x @ Wx, h @ Wh, x.T @ d, d @ W.T, ones @ d
@@ -44,7 +44,7 @@ def step(pairs):
 
 def cupy_matmul_in_a_capture(cupy, stream):
     a = cupy.ones((64, 64), cupy.float32)
-    with stream:
+    with using_stream(cupy, stream):
         stream.begin_capture()
         try:
             cupy.matmul(a, a)
@@ -62,21 +62,21 @@ def replay_against_eager(dtype):
     backend = get_backend("cupy", dtype)
     cupy, stream = backend.xp, backend.stream
     pairs = operands(cupy, dtype, np.random.default_rng(0))
-    with stream:
+    with using_stream(cupy, stream):  # eager work, the capture and the replays all on gpurnn's stream
         ops.bind_cublas_to_current_stream()
         stream.begin_capture()
         captured = step(pairs)
         graph = stream.end_capture()
-    for replay in (1, 2):
-        eager = [r.get() for r in step(pairs)]
-        graph.launch(stream)
-        for (a, b), got, want in zip(pairs, captured, eager):
-            got = got.get()
-            if not np.array_equal(got, want):
-                return (f"{dtype} replay {replay}: {a.shape} @ {b.shape} differs from eager by up to "
-                        f"{float(np.abs(got - want).max()):.3g}")
-        for a, _ in pairs:
-            a *= 1.5  # the next replay reads the inputs as they are then
+        for replay in (1, 2):
+            eager = [r.get() for r in step(pairs)]
+            graph.launch(stream)
+            for (a, b), got, want in zip(pairs, captured, eager):
+                got = got.get()
+                if not np.array_equal(got, want):
+                    return (f"{dtype} replay {replay}: {a.shape} @ {b.shape} differs from eager by up to "
+                            f"{float(np.abs(got - want).max()):.3g}")
+            for a, _ in pairs:
+                a *= 1.5  # the next replay reads the inputs as they are then
     return ""
 
 

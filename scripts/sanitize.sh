@@ -3,9 +3,9 @@
 # shapes) under NVIDIA's compute-sanitizer: memcheck, racecheck, synccheck, then initcheck while time
 # is left, each with a time limit, all within SANITIZE_SECONDS (default 150). Each tool's SUMMARY
 # lines, the driver's verdict and the first error lines are appended to $SUMMARY (and printed); the
-# whole logs go to $LOGS (default: a temporary folder). Without compute-sanitizer (on PATH, or in
-# /usr/local/cuda*/bin or /usr/local/cuda*/compute-sanitizer) the driver runs alone and the summary
-# says so. Exit status 0 when all was clean.
+# whole logs go to $LOGS (default: a temporary folder). Without compute-sanitizer ($COMPUTE_SANITIZER
+# where set, even empty; else on PATH, or in /usr/local/cuda*/bin or /usr/local/cuda*/compute-sanitizer)
+# the driver runs alone and the summary says so. Exit status 0 when all was clean.
 # A step of scripts/gpu_check.sh; alone: SUMMARY=summary.txt bash scripts/sanitize.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,8 @@ summary="${SUMMARY:-/dev/null}"
 logs="${LOGS:-$(mktemp -d)}"
 mkdir -p "$logs"
 note() { echo "$*" | tee -a "$summary"; }
-sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda{,-*}/{bin,compute-sanitizer}/compute-sanitizer \
-    2>/dev/null | head -n 1)"
+sanitizer="${COMPUTE_SANITIZER-$(command -v compute-sanitizer || ls \
+    /usr/local/cuda{,-*}/{bin,compute-sanitizer}/compute-sanitizer 2>/dev/null | head -n 1)}"
 end=$(( $(date +%s) + ${SANITIZE_SECONDS:-150} ))
 status=0
 

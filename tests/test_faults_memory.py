@@ -19,22 +19,25 @@ from gpurnn.memory import OutOfMemory, out_of_memory
 from .faultkit import assert_no_traceback, assert_one_line_error, cli, litter
 
 LIMITED = """
-import resource, sys
+import os, resource, sys
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # thread stacks as on a 2-core machine
 import gpurnn.cli, gpurnn.train.evaluate, gpurnn.train.job, gpurnn.train.trainer  # before the limit
 used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]),) * 2)
 sys.exit(gpurnn.cli.main(["--backend", "numpy", *sys.argv[2:]]))
 """
-# The address space a command may take beyond what importing gpurnn took: the middle of the sizes under
-# which each test below fails where it says (from about 180 to 320 MiB).
+# The address space a command may take beyond what importing gpurnn took, on at most 2 CPUs (each
+# thread reserves its stack): the middle of the sizes under which each test below fails where it says
+# (from about 180 to 320 MiB).
 ROOM = 250 << 20
 TINY = ["--hidden-size", "8", "--wordvec-size", "8"]
 
 
 def limited(*args):
     """(exit code, stderr) of `gpurnn --backend numpy ARGS` in a child allowed ROOM more address space."""
-    if not os.path.exists("/proc/self/statm") or not hasattr(resource, "RLIMIT_AS"):
-        pytest.skip("limiting a child's memory needs Linux (/proc and RLIMIT_AS)")
+    if not os.path.exists("/proc/self/statm") or not hasattr(resource, "RLIMIT_AS") \
+            or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("limiting a child's memory needs Linux (/proc, RLIMIT_AS and CPU affinity)")
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}  # threads reserve no 64 MiB malloc arenas of their own
     done = subprocess.run([sys.executable, "-c", LIMITED, str(ROOM), *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=300)

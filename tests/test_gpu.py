@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpurnn import ops
-from gpurnn.backend import get_backend
+from gpurnn.backend import get_backend, using_stream
 from gpurnn.model import Model, preset_specs
 from gpurnn.train.optim import Adam
 from gpurnn.train.trainer import TrainConfig, Trainer
@@ -106,21 +106,22 @@ def test_gemms_and_kernels_captured_together_replay_what_they_compute_eagerly():
             results.append(ops.sigmoid(ops.rnn_cell(r, ops.matmul(a, b)), r))
         return results
 
-    with cupy.cuda.Stream(non_blocking=True):
+    with using_stream(cupy, cupy.cuda.Stream(non_blocking=True)):
         ops.matmul(*pairs[0])  # leaves cuBLAS bound to another stream
     stream = backend.stream
-    with stream:
+    with using_stream(cupy, stream):
         ops.bind_cublas_to_current_stream()
         stream.begin_capture()
         captured = step()
         graph = stream.end_capture()
-    for _ in range(2):
-        eager = [r.get() for r in step()]
-        graph.launch(stream)
-        for got, want in zip(captured, eager):
-            np.testing.assert_array_equal(got.get(), want)  # one stream, one path: bit for bit
-        for a, _ in pairs:
-            a *= 2  # the replay reads the inputs' memory as it is then
+        for _ in range(2):
+            eager = [r.get() for r in step()]
+            graph.launch(stream)
+            for got, want in zip(captured, eager):
+                np.testing.assert_array_equal(got.get(), want)  # one stream, one path: bit for bit
+            for a, _ in pairs:
+                a *= 2  # the replay reads the inputs' memory as it is then
+    assert cupy.cuda.get_current_stream() == stream
 
 
 @requires_gpu

@@ -32,8 +32,10 @@ TINY = ["--model", "better-rnnlm", "--wordvec-size", "16", "--hidden-size", "16"
 
 def with_stand_in(args, cwd, check=True, program=(sys.executable,), **env_vars):
     """Run `python args...` (or `program args...`) with the stand-in found as `cupy`, loaded before
-    gpurnn probes for it, and `env_vars` added to the environment."""
-    env = this_python_first({k: v for k, v in os.environ.items() if not k.startswith("GPURNN_")})
+    gpurnn probes for it, and `env_vars` added to the environment (without the variables that steer
+    gpurnn and the GPU scripts, which the caller's run may have set)."""
+    steering = ("GPURNN_", "GPU_CHECK_", "SANITIZE_", "PTB_", "COMPUTE_SANITIZER")
+    env = this_python_first({k: v for k, v in os.environ.items() if not k.startswith(steering)})
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "hostcupy"), str(TESTS.parent)])
     env.update({k: str(v) for k, v in env_vars.items()})
     done = subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -236,7 +238,8 @@ def test_the_gpu_check_script_runs_through_with_the_stand_in(tmp_path):
     corpus, out = tmp_path / "corpus.h5", tmp_path / "out"
     prepare_corpus(tmp_path / "train.txt", corpus, valid=tmp_path / "valid.txt", test=tmp_path / "test.txt")
     with_stand_in([str(TESTS.parent / "scripts/gpu_check.sh"), "--ptb"], tmp_path, program=("bash",),
-                  GPU_CHECK_QUICK=1, PTB_SECONDS=20, PTB_CORPUS=corpus, OUT=out)
+                  GPU_CHECK_QUICK=1, PTB_SECONDS=20, PTB_CORPUS=corpus, OUT=out,
+                  COMPUTE_SANITIZER="")  # the stand-in makes no CUDA call for a sanitizer to watch
     summary = (out / "summary.txt").read_text()
     assert "summary: sanitize rc=0 tests rc=0 bench rc=0 ptb rc=0" in summary and "capture probe: captured" in summary
     # no compute-sanitizer here: the driver ran alone, every kernel against NumPy

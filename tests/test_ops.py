@@ -139,6 +139,39 @@ def test_small_work_stays_on_the_calling_thread_and_large_work_splits(monkeypatc
     np.testing.assert_array_equal(covered, 1)  # every element exactly once
 
 
+@pytest.mark.parametrize("startable", [0, 1])
+def test_rows_are_covered_once_when_the_process_may_start_fewer_threads_than_cores(monkeypatch, startable):
+    """Under a limit on its address space a process may start few threads, or none: the pool takes
+    the workers that started and the calling thread does the rest."""
+    import threading
+
+    started = []
+    start = threading.Thread.start
+
+    def limited_start(thread):
+        if len(started) >= startable:
+            raise RuntimeError("can't start new thread")
+        started.append(thread)
+        start(thread)
+
+    monkeypatch.setattr(threads, "cpu_threads", lambda: 4)
+    monkeypatch.setattr(threads, "_POOL", None)
+    monkeypatch.setattr(threading.Thread, "start", limited_start)
+    covered = np.zeros(threads.MIN_PARALLEL_ELEMENTS * 2)
+
+    def cover(lo, hi):
+        covered[lo:hi] += 1
+
+    ops.for_row_blocks(covered, cover, block=4096)
+    np.testing.assert_array_equal(covered, 1)  # every element exactly once
+    assert threads._POOL.workers == startable == len(started)
+    a, b = RNG.standard_normal((20, 1024)), RNG.standard_normal((1024, 4096))
+    out = np.empty((20, 4096))
+    with ops.recurrent_loop(a, b):
+        ops.step_matmul(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
 def test_a_split_step_matmul_equals_one_matmul(monkeypatch):
     monkeypatch.setattr(threads, "cpu_threads", lambda: 3)
     a = RNG.standard_normal((20, 650)).astype(np.float32)

@@ -29,8 +29,10 @@ try:
 except ImportError:
     WHY_NOT = "mpi4py is not installed (pip install 'gpurnn[mpi]')"
 needs_mpi = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
-# One BLAS thread per rank: two ranks share this machine's two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# One BLAS thread per rank: two ranks share this machine's two cores. Open MPI's mpiexec refuses to
+# start as root without the two OMPI_ variables (MPICH's ignores them).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+       "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 TRAIN = ("--backend", "numpy", "train")
 TINY = ("--model", "rnnlm", "--wordvec-size", "16", "--hidden-size", "16", "--batch-size", "4",
         "--time-size", "5", "--lr", "1.0", "--clip", "0.25")

@@ -10,7 +10,8 @@ import contextlib
 import functools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -31,11 +32,48 @@ def cpu_threads():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+class _Pool:
+    """Worker threads for row shares, all started when the pool is made: as many of `size` as the
+    process may start (a limit on its address space may allow fewer, or none). Where none started,
+    the calls run on the calling thread, so the work is the same whatever started."""
+
+    def __init__(self, size):
+        self.tasks = queue.SimpleQueue()
+        self.workers = 0
+        for _ in range(size):
+            try:
+                threading.Thread(target=self._work, name="gpurnn-rows", daemon=True).start()
+            except RuntimeError:  # "can't start new thread"
+                break
+            self.workers += 1
+
+    def _work(self):
+        while True:
+            future, fn, args = self.tasks.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def run(self, calls):
+        """Run each (fn, *args) of `calls`, on the workers where there are any, and wait for all."""
+        if not self.workers:
+            for fn, *args in calls:
+                fn(*args)
+            return
+        futures = []
+        for fn, *args in calls:
+            futures.append(Future())
+            self.tasks.put((futures[-1], fn, args))
+        for future in futures:
+            future.result()
+
+
 def _pool(threads):
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpurnn-rows")
+            _POOL = _Pool(threads)
     return _POOL
 
 
@@ -64,8 +102,7 @@ def for_row_blocks(array, fn, block=ROW_BLOCK):
         for lo in range(start, min(start + step, n), block):
             fn(lo, min(lo + block, n, start + step))
 
-    for future in [_pool(threads).submit(share, start) for start in range(0, n, step)]:
-        future.result()
+    _pool(threads).run([(share, start) for start in range(0, n, step)])
 
 
 # A time step's GEMM has only B rows (20 for PTB): OpenBLAS threads it poorly, so above this many
@@ -120,8 +157,5 @@ def step_matmul(a, b, out):
     threads = cpu_threads()
     n = b.shape[1]
     step = -(-n // threads)
-    shares = [_pool(threads).submit(np.matmul, a, b[:, lo:lo + step], out=out[:, lo:lo + step])
-              for lo in range(0, n, step)]
-    for share in shares:
-        share.result()
+    _pool(threads).run([(np.matmul, a, b[:, lo:lo + step], out[:, lo:lo + step]) for lo in range(0, n, step)])
     return out

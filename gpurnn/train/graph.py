@@ -17,6 +17,7 @@ import contextlib
 
 import numpy as np
 
+from ..backend import using_stream
 from ..ops import bind_cublas_to_current_stream
 
 
@@ -38,7 +39,7 @@ class CapturedStep:
         self.graph, self.calls = None, 0
 
     def __call__(self, xs, ts):
-        with self.stream:
+        with using_stream(self.cupy, self.stream):
             if self.failed or self.calls < self.WARMUP:
                 self.calls += 1
                 return self._eager(xs, ts)

@@ -70,14 +70,18 @@ class _Stream:
         return 0 if self.is_null else id(self)
 
     def __enter__(self):
-        _current.append(self)
+        _entered.append(self)
+        _current[0] = self
         return self
 
     def __exit__(self, *exc):
-        _current.pop()
+        # As CuPy 14 does: back to the stream of the enclosing `with`, else the legacy default stream,
+        # even where another stream was made current by `use()` before the block (cupy/cupy#8377).
+        _entered.pop()
+        _current[0] = _entered[-1] if _entered else _Stream.null
 
     def use(self):
-        _current[-1] = self
+        _current[0] = self
         return self
 
     def begin_capture(self, mode=None):
@@ -86,8 +90,10 @@ class _Stream:
         if _capturing():
             raise _CUDARuntimeError("cudaErrorStreamCaptureUnsupported: a stream is already capturing")
         self.tape = []
+        _captures.append(self)
 
     def end_capture(self):
+        _captures.remove(self)
         tape, self.tape = self.tape, None
         if self.invalidated:
             self.invalidated = False
@@ -108,7 +114,9 @@ class _Stream:
 
 
 _Stream.null = _Stream(null=True)
-_current = [_Stream.null]
+_current = [_Stream.null]  # the current stream
+_entered = []  # the streams whose `with` blocks are open, innermost last
+_captures = []  # the streams between begin_capture and end_capture
 
 
 class _Graph:
@@ -125,7 +133,7 @@ class _Graph:
 
 def _capturing():
     """The stream that is capturing, or None."""
-    return next((s for s in _current if s.tape is not None), None)
+    return next((s for s in _captures if s.tape is not None), None)
 
 
 def _invalidate(stream, error):
@@ -147,14 +155,14 @@ def _synchronize(what):
 def _transfer(direction):
     """A copy between host and device ("D2H" or "H2D"): CuPy refuses it while the current stream
     captures (and CUDA would break a capture on another stream with it)."""
-    if _current[-1].tape is not None:
+    if _current[0].tape is not None:
         raise RuntimeError(f"the current stream is capturing, so {direction} transfers are disallowed")
     _check_not_capturing(f"a {direction} copy")
 
 
 def _refuse_cublas():
     """CuPy's cuBLAS wrappers refuse to run while the current stream captures (cublas.pyx, setStream)."""
-    if _current[-1].tape is not None:
+    if _current[0].tape is not None:
         raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
 
 
@@ -163,7 +171,7 @@ def _run(work):
     stream = _capturing()
     if stream is None:
         work()
-    elif _current[-1] is not stream:
+    elif _current[0] is not stream:
         _invalidate(stream, "cudaErrorStreamCaptureInvalidated: work on another stream during capture")
     else:
         stream.tape.append(work)
@@ -483,7 +491,7 @@ def _device_properties(device):
 
 cuda = types.ModuleType(f"{__name__}.cuda")
 cuda.Stream, cuda.Event, cuda.Graph, cuda.Device, cuda.MemoryPool = _Stream, _Event, _Graph, _Device, _MemoryPool
-cuda.get_current_stream = lambda: _current[-1]
+cuda.get_current_stream = lambda: _current[0]
 cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()
 cuda.set_allocator = lambda allocator=None: None  # the host allocates through NumPy, pool or not
 cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
