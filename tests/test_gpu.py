@@ -106,8 +106,10 @@ def test_gemms_and_kernels_captured_together_replay_what_they_compute_eagerly():
             results.append(ops.sigmoid(ops.rnn_cell(r, ops.matmul(a, b)), r))
         return results
 
-    with using_stream(cupy, cupy.cuda.Stream(non_blocking=True)):
+    backend.synchronize()  # the inputs' uploads done before another stream reads them
+    with using_stream(cupy, cupy.cuda.Stream(non_blocking=True)) as other:
         ops.matmul(*pairs[0])  # leaves cuBLAS bound to another stream
+        other.synchronize()
     stream = backend.stream
     with using_stream(cupy, stream):
         ops.bind_cublas_to_current_stream()

@@ -188,7 +188,14 @@ with stream:
     graph = stream.end_capture()
 print(a.get().tolist(), b.get().tolist())
 graph.launch(stream)
+stream.synchronize()  # the replay ran on a non-blocking stream: wait for it before reading elsewhere
 print(a.get().tolist(), b.get().tolist())
+try:
+    graph.launch(stream)
+    a.get()  # on the legacy default stream, the replay not waited for: on a GPU the two race
+    print("accepted")
+except RuntimeError as exc:
+    print(type(exc).__name__, str(exc).split(" while ")[0])
 """
 
 
@@ -199,6 +206,7 @@ def test_the_stand_in_refuses_what_cupy_refuses_and_replays_what_it_captured(tmp
     assert out[3:6] == ["NotImplementedError calling cuBLAS API during stream capture is currently unsupported"] * 3
     assert out[6] == "[0.0, 0.0, 0.0] [nan, nan, nan]"  # captured, not run
     assert out[7] == "[2.0, 2.0, 2.0] [1.0, 1.0, 1.0]"  # the replay runs both, in order
+    assert out[8] == "RuntimeError unordered streams: work on the legacy default stream"
 
 
 CUBLAS_REFUSALS = r"""

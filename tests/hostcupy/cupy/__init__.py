@@ -8,6 +8,10 @@ what gpurnn's code has to respect there, and which a run on NumPy cannot show:
   mixing one with a NumPy array in an operation raises TypeError, as CuPy does; `empty` memory
   holds NaN (floats) or a large sentinel (integers), never the zeros NumPy often hands out;
 - a kernel launch is checked against the kernel's C signature (array or scalar, which type, C order);
+- work is ordered as CUDA orders it: a non-blocking stream is ordered with no other stream, so work
+  on any other stream (the legacy default one included) while a non-blocking stream holds work the
+  host has not waited for (`synchronize`, or a copy to the host on that stream) is an error: on a GPU
+  the two would race. `with stream:` and `use()` make a stream current as CuPy 14 does;
 - stream capture records the work instead of doing it. While a stream captures nothing runs, work on
   any other stream, a host read (`get`, `item`, `float`, `bool`, `asnumpy`) and an upload from the
   host are errors (a plain RuntimeError with CuPy's words where CuPy itself refuses), and
@@ -53,15 +57,19 @@ class _CUDARuntimeError(RuntimeError):
 # -- streams, capture and graphs ----------------------------------------------------------------
 
 class _Event:
+    _recorded_on = None  # the stream
+
     def synchronize(self):
         _synchronize("Event.synchronize")
+        if self._recorded_on is not None:
+            _waited_for(self._recorded_on)  # the host waited for the work before the record
 
 
 class _Stream:
     """Work goes to the current stream; a capturing stream records it into its graph."""
 
     def __init__(self, null=False, non_blocking=False):
-        self.is_null = null
+        self.is_null, self.non_blocking = null, non_blocking
         self.tape = None  # the work recorded while this stream captures
         self.invalidated = False  # a capture that met something it does not allow
 
@@ -104,19 +112,23 @@ class _Stream:
         return self.tape is not None
 
     def record(self, event=None):
-        return event or _Event()
+        event = event or _Event()
+        event._recorded_on = self
+        return event
 
     def wait_event(self, event):
         pass
 
     def synchronize(self):
         _synchronize("Stream.synchronize")
+        _waited_for(self)
 
 
 _Stream.null = _Stream(null=True)
 _current = [_Stream.null]  # the current stream
 _entered = []  # the streams whose `with` blocks are open, innermost last
 _captures = []  # the streams between begin_capture and end_capture
+_unwaited = []  # the non-blocking streams holding work the host has not waited for
 
 
 class _Graph:
@@ -127,6 +139,7 @@ class _Graph:
 
     def launch(self, stream=None):
         _check_not_capturing("Graph.launch")
+        _queue(stream or _current[0])
         for work in self.tape:
             work()
 
@@ -152,12 +165,38 @@ def _synchronize(what):
     _check_not_capturing(f"{what} (a host synchronisation)")
 
 
-def _transfer(direction):
-    """A copy between host and device ("D2H" or "H2D"): CuPy refuses it while the current stream
-    captures (and CUDA would break a capture on another stream with it)."""
+def _queue(stream):
+    """Work goes to `stream` now: refused where a non-blocking stream holds work the host has not
+    waited for and `stream` is another one (CUDA orders neither after the other: they would race)."""
+    for other in _unwaited:
+        if other is not stream:
+            raise RuntimeError(f"unordered streams: work on {_describe(stream)} while {_describe(other)} "
+                               f"holds work not waited for (a non-blocking stream is ordered with no other)")
+    if stream.non_blocking and stream not in _unwaited:
+        _unwaited.append(stream)
+
+
+def _describe(stream):
+    return "the legacy default stream" if stream.is_null else f"stream {stream.ptr:#x}"
+
+
+def _waited_for(stream):
+    """The host waited for all work on `stream`."""
+    if stream in _unwaited:
+        _unwaited.remove(stream)
+
+
+def _transfer(direction, stream=None):
+    """A copy between host and device ("D2H" or "H2D") on `stream` (default: the current one): CuPy
+    refuses it while the current stream captures (and CUDA would break a capture on another stream
+    with it). A copy to the host waits for the stream's work before it."""
     if _current[0].tape is not None:
         raise RuntimeError(f"the current stream is capturing, so {direction} transfers are disallowed")
     _check_not_capturing(f"a {direction} copy")
+    stream = stream or _current[0]
+    _queue(stream)
+    if direction == "D2H":
+        _waited_for(stream)
 
 
 def _refuse_cublas():
@@ -170,6 +209,7 @@ def _run(work):
     """Do `work` on the current stream now, or record it when that stream captures."""
     stream = _capturing()
     if stream is None:
+        _queue(_current[0])
         work()
     elif _current[0] is not stream:
         _invalidate(stream, "cudaErrorStreamCaptureInvalidated: work on another stream during capture")
@@ -186,6 +226,8 @@ def _base(a):
 def _compute(fn, inputs=()):
     """The array `fn()` makes: done now, and during capture also recorded to redo into the same
     buffer at each replay. A result that is a view of an input is just that view."""
+    if _capturing() is None:
+        _queue(_current[0])
     with np.errstate(all="ignore"):
         result = fn()
     if isinstance(result, np.generic):
@@ -304,7 +346,7 @@ class ndarray(NDArrayOperatorsMixin):
         _run(lambda: self._a.fill(value))
 
     def get(self, stream=None, *, out=None):
-        _transfer("D2H")
+        _transfer("D2H", stream)
         return self._a.copy()
 
     def set(self, arr, stream=None):
@@ -315,7 +357,7 @@ class ndarray(NDArrayOperatorsMixin):
             raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
         if arr.shape != self.shape:
             raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
-        _upload(arr)
+        _transfer("H2D", stream)
         self._a[...] = arr
 
     def item(self):
@@ -390,7 +432,7 @@ def ascontiguousarray(a, dtype=None):
 
 
 def asnumpy(a, stream=None, *, out=None):
-    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+    return a.get(stream) if isinstance(a, ndarray) else np.asarray(a)
 
 
 def empty(shape, dtype=float, order="C"):
@@ -477,6 +519,7 @@ class _Device:
 
     def synchronize(self):
         _synchronize("Device.synchronize")
+        _unwaited.clear()
 
     def __enter__(self):
         return self
