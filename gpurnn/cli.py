@@ -11,6 +11,7 @@ import os
 import sys
 import tomllib
 from contextlib import contextmanager
+from dataclasses import fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from . import jsontext
 from .backend import BACKEND_NAMES, get_backend, probe_cupy
 from .errors import GpurnnError
 from .memory import out_of_memory_error, size_text
-from .model import OUTPUT_LAYERS, PRESETS
+from .config import (MODEL, OPTIM, OUTPUT, PRESET_OPTIONS, RUN, SCHEDULE, ModelOptions, OutputOptions, TrainConfig,
+                     command_options)
 from .registry import Registry
 from .train.parallel import on_every_rank, world
 
@@ -54,11 +56,12 @@ class SectionOption(click.Option):
 class SectionCommand(click.Command):
     """A command whose help lists its options grouped under their sections' headings, in order.
 
-    Options without a section come first, under "Options"; --help goes with the run options.
+    Options without a section come first, under "Options", then the configuration's sections
+    (`gpurnn.config`) in their order; --help goes with the run options.
     """
 
     def format_options(self, ctx, formatter):
-        sections = {"Options": []}
+        sections = {title: [] for title in ("Options", MODEL, OPTIM, SCHEDULE, OUTPUT, RUN)}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
             if record:
@@ -74,8 +77,6 @@ def option(section, *decls, **kwargs):
     """click.option under a help heading."""
     return click.option(*decls, cls=SectionOption, section=section, **kwargs)
 
-
-RUN = "Run"
 
 
 def runtime_options(command):
@@ -218,13 +219,6 @@ def report_corpus(report, as_json):
     click.echo(f"  most frequent: {frequent}")
 
 
-PRESET_ONLY = ("wordvec_size", "hidden_size", "num_layers", "dropout", "tie_weights", "output_layer", "cutoffs",
-               "div_value")
-TRAIN_FLAGS = ("batch_size", "time_size", "optimizer", "lr", "clip", "lr_decay", "epochs", "max_iters",
-               "seed", "eval_every", "save_every", "log_every", "cuda_graph")
-MODEL, OPTIM, SCHEDULE, OUTPUT = "Model", "Optimisation", "Schedule", "Output"
-
-
 def given_options(ctx, names):
     """The options among `names` that the user set: command line, environment or --config file."""
     return {n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
@@ -265,70 +259,43 @@ class IntList(click.ParamType):
             self.fail(f"{value!r} is not a list of integers such as 2000,6000", param, ctx)
 
 
-def preset_option(decl, kind, preset_default, text):
-    """An option that changes the chosen preset (and is refused with --model-config)."""
-    return option(MODEL, decl, type=kind, default=None, show_default=f"the preset's: {preset_default}", help=text)
+def click_type(opt):
+    """The click type of a configuration option: its choices, path kind or range, checked as it is read."""
+    how = opt.setting
+    if how.choices:
+        return click.Choice(list(how.choices))
+    if how.path:
+        return click.Path(dir_okay=False) if how.path == "file" else click.Path(file_okay=False)
+    if opt.kind is list:
+        return IntList()
+    if how.range is None or opt.kind is bool:
+        return None if opt.kind is bool else opt.kind
+    ranged = click.IntRange if opt.kind is int else click.FloatRange
+    return ranged(how.range.low, how.range.high, min_open=how.range.low_open, max_open=how.range.high_open)
+
+
+def config_options(command):
+    """The options of the run's configuration (`gpurnn.config`), each under its section's heading."""
+    for opt in reversed(command_options()):
+        flag = "--" + opt.name.replace("_", "-")
+        decl = f"{flag}/--no-{flag[2:]}" if opt.negatable else flag
+        how = {"show_default": opt.shown} if opt.shown is not None else {}
+        if opt.kind is bool and not opt.negatable:
+            how["is_flag"] = True
+        command = option(opt.setting.section, decl, opt.name, type=click_type(opt), default=opt.default,
+                         help=opt.setting.help, **how)(command)
+    return command
 
 
 @cli.command(cls=SectionCommand)
 @click.argument("corpus", required=False, type=click.Path(dir_okay=False))
-@option(MODEL, "--model", type=click.Choice(list(PRESETS)), default="simple-rnnlm", help="Model preset.")
-@option(MODEL, "--model-config", type=click.Path(dir_okay=False),
-        help="TOML file of [[layers]] specs, instead of a preset (then the preset options do not apply).")
-@preset_option("--wordvec-size", click.IntRange(1), "100, better-rnnlm 650", "Embedding size D.")
-@preset_option("--hidden-size", click.IntRange(1), "100, better-rnnlm 650", "Hidden size H of each recurrent layer.")
-@preset_option("--num-layers", click.IntRange(1), "1, better-rnnlm 2", "Recurrent layers stacked.")
-@preset_option("--dropout", click.FloatRange(0, 1, max_open=True), "none, better-rnnlm 0.5",
-               "Dropout before, between and after the recurrent layers.")
-@preset_option("--tie-weights/--no-tie-weights", None, "off, better-rnnlm on",
-               "The output layer shares the embedding's table (needs D = H).")
-@preset_option("--output-layer", click.Choice(OUTPUT_LAYERS), "full",
-               "full: affine and softmax over the vocabulary; adaptive: the adaptive softmax (needs --cutoffs).")
-@preset_option("--cutoffs", IntList(), "none",
-               "Adaptive output: where the vocabulary (most frequent first) is cut into the head and the "
-               "clusters, e.g. 2000,6000.")
-@preset_option("--div-value", click.FloatRange(min=0, min_open=True), "4",
-               "Adaptive output: cluster k's projection is the hidden size / div-value**(k+1).")
-@option(OPTIM, "--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", help="Optimizer.")
-@option(OPTIM, "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Learning rate.")
-@option(OPTIM, "--clip", type=click.FloatRange(min=0, min_open=True), show_default="no clipping",
-        help="Clip the global gradient norm to this.")
-@option(OPTIM, "--batch-size", type=click.IntRange(1), show_default="20; demo 10", help="Lanes B.")
-@option(OPTIM, "--time-size", type=click.IntRange(1), show_default="35; demo 5",
-        help="Truncated-BPTT block length T.")
-@option(OPTIM, "--seed", type=int, default=0, help="Random seed (initial weights, dropout).")
-@option(SCHEDULE, "--epochs", type=click.IntRange(1), show_default="1; demo 100", help="Epochs to train.")
-@option(SCHEDULE, "--max-iters", type=click.IntRange(1), help="Stop after this many iterations (overrides --epochs).")
-@option(SCHEDULE, "--lr-decay", type=click.FloatRange(0, 1, min_open=True), show_default="no decay",
-        help="Multiply lr by this when validation perplexity stops improving.")
-@option(SCHEDULE, "--eval-every", type=click.IntRange(1), show_default="at the end",
-        help="Validation perplexity every N iterations.")
-@option(SCHEDULE, "--log-every", type=click.IntRange(1), show_default="an epoch, at most 100",
-        help="Log a record every N iterations.")
-@option(SCHEDULE, "--save-every", type=click.IntRange(1), show_default="at the end",
-        help="Save the checkpoint every N iterations.")
-@option(OUTPUT, "--run-dir", type=click.Path(file_okay=False), show_default="runs/<run id>",
-        help="Folder for the run's checkpoint.h5 (created).")
-@option(OUTPUT, "--checkpoint", type=click.Path(dir_okay=False), show_default="RUN_DIR/checkpoint.h5",
-        help="Checkpoint file (HDF5), written at the end and every --save-every.")
-@option(OUTPUT, "--keep-best", is_flag=True,
-        help="Also keep the best-validation checkpoint beside it (CHECKPOINT's name + .best.h5).")
-@option(OUTPUT, "--resume", is_flag=True,
-        help="Continue the run in --checkpoint (or --run-dir) exactly where it stopped.")
-@option(OUTPUT, "--metrics", type=click.Path(dir_okay=False), show_default="CHECKPOINT's name + .metrics.jsonl",
-        help="The run's records as JSON lines: a header, then one per log step.")
-@option(OUTPUT, "--plot", type=click.Path(dir_okay=False),
-        help="Draw this run's perplexity curves to this PNG (needs gpurnn[plot]).")
-@option(OUTPUT, "--quiet", is_flag=True, help="Print only the final summary.")
 @option(RUN, "--config", type=click.Path(dir_okay=False), is_eager=True, callback=load_config,
         help="TOML file of train options (name = value); options given otherwise win over it.")
-@option(RUN, "--cuda-graph/--no-cuda-graph", default=None, show_default="on",
-        help="CuPy: capture the training step once as a CUDA graph and replay it.")
+@config_options
 @runtime_options
 @click.pass_context
 @on_every_rank
-def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_best, resume, metrics, plot,
-          quiet, **options):
+def train(ctx, corpus, config, **values):
     """Train a language model on CORPUS.h5 (default: the embedded 1,000-word demo).
 
     Under `mpiexec -n R` the R processes train one model together, each on B / R lanes of the batch.
@@ -337,51 +304,49 @@ def train(ctx, corpus, model, model_config, config, run_dir, checkpoint, keep_be
     --run-dir or --checkpoint says otherwise); their paths are printed at the end.
     """
     from .train.job import check_outputs, model_specs, prepare_job
-    from .train.metrics import MetricsLog, new_run_id, require_matplotlib
+    from .train.metrics import new_run_id, require_matplotlib
 
-    preset_options = {name: options.pop(name) for name in PRESET_ONLY}
-    model_given = given_options(ctx, ("model", *PRESET_ONLY))
-    if model_config and model_given:
+    model = ModelOptions(**{f.name: values[f.name] for f in fields(ModelOptions)})
+    out = OutputOptions(**{f.name: values[f.name] for f in fields(OutputOptions)})
+    options = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
+    model_given = given_options(ctx, ("model", *PRESET_OPTIONS))
+    if model.model_config and model_given:
         names = option_names(model_given)
         raise click.UsageError(f"{', '.join(names)} {'apply' if len(names) > 1 else 'applies'} only to a "
                                f"preset; leave {'them' if len(names) > 1 else 'it'} out with --model-config", ctx)
-    if run_dir and checkpoint:
+    if out.run_dir and out.checkpoint:
         raise click.UsageError("give --run-dir or --checkpoint, not both", ctx)
-    if resume and not (run_dir or checkpoint):
+    if out.resume and not (out.run_dir or out.checkpoint):
         raise click.UsageError("--resume needs the run to continue: --run-dir DIR or --checkpoint FILE", ctx)
-    if plot:
+    if out.plot:
         require_matplotlib()
-    model_name = Path(model_config).stem if model_config else model
+    model_name = Path(model.model_config).stem if model.model_config else model.model
     group = world()  # under mpiexec: rank 0 names the run and alone writes its records
     run_id = group.from_root(lambda: new_run_id(model_name))
-    explicit = given_options(ctx, TRAIN_FLAGS)
-    if model_given or model_config:
+    explicit = given_options(ctx, options)
+    if model_given or model.model_config:
         explicit.add("specs")
-    job = {"specs": model_specs(model, model_config, **preset_options), "options": options, "explicit": explicit,
-           "backend": backend_from(ctx), "registry": registry_from(ctx), "resume": resume,
+    job = {"specs": model_specs(model), "options": options, "explicit": explicit, "backend": backend_from(ctx),
+           "registry": registry_from(ctx), "resume": out.resume,
            "run_meta": {"run_id": run_id, "model_name": model_name}}
-    with run_folder(run_dir, checkpoint, run_id, owner=group.rank == 0) as checkpoint:
+    with run_folder(out.run_dir, out.checkpoint, run_id, owner=group.rank == 0) as checkpoint:
+        metrics = out.metrics or sibling(checkpoint, ".metrics.jsonl")
         if group.rank == 0:  # the one writer of the run's files
-            check_outputs(corpus, checkpoint, metrics or sibling(checkpoint, ".metrics.jsonl"), plot, model_config)
-        trainer, _ = prepare_job(corpus, checkpoint=checkpoint, **job,
-                                 best_path=sibling(checkpoint, ".best.h5") if keep_best else None)
-        try:
-            if keep_best and trainer.valid_ids is None:
-                raise click.UsageError("--keep-best needs a corpus with a validation split", ctx)
-            log = MetricsLog(metrics or sibling(checkpoint, ".metrics.jsonl"),
-                             run_header(trainer, corpus, checkpoint), resume=resume, write=group.rank == 0,
-                             checkpoint=checkpoint)
-        except BaseException:
+            check_outputs(corpus, checkpoint, metrics, out.plot, model.model_config)
+        report = TrainReport(corpus, checkpoint, metrics, out, write=group.rank == 0)
+        trainer, _ = prepare_job(corpus, checkpoint=checkpoint, **job, observer=report,
+                                 best_path=sibling(checkpoint, ".best.h5") if out.keep_best else None)
+        if out.keep_best and trainer.valid_ids is None:
             trainer.release_lock()  # the checkpoint is free again, and the lock file gone
-            raise
-    summary = train_with_progress(ctx, trainer, log, quiet, corpus)
-    if plot:
-        plot_current_run(log, plot)
+            raise click.UsageError("--keep-best needs a corpus with a validation split", ctx)
+        summary = train_with_progress(ctx, trainer, report)
+    if out.plot:
+        plot_current_run(report.log, out.plot)
     click.echo(summary)
     click.echo(f"checkpoint: {checkpoint}")
-    if keep_best and trainer.best_path.exists():
+    if out.keep_best and trainer.best_path.exists():
         click.echo(f"best checkpoint: {trainer.best_path}")
-    click.echo(f"metrics: {log.path}")
+    click.echo(f"metrics: {report.log.path}")
 
 
 @contextmanager
@@ -432,32 +397,63 @@ def run_header(trainer, corpus, checkpoint):
     return header
 
 
-def train_with_progress(ctx, trainer, log, quiet, corpus):
-    """Run the trainer with a progress display; the final summary line."""
-    from .train.progress import TrainingProgress, fit_fields, is_terminal, terminal_width
+class TrainReport:
+    """The train command's trainer Observer: when the run starts, its metrics file (the header
+    first; only `write`s on rank 0) and a progress display; then every record to both."""
+
+    def __init__(self, corpus, checkpoint, metrics, out, write=True):
+        self.corpus, self.checkpoint, self.metrics, self.out, self.write = corpus, checkpoint, metrics, out, write
+        self.log = self.progress = None
+
+    def on_start(self, trainer):
+        from .train.metrics import MetricsLog
+        from .train.progress import TrainingProgress
+
+        self.log = MetricsLog(self.metrics, run_header(trainer, self.corpus, self.checkpoint), resume=self.out.resume,
+                              write=self.write, checkpoint=self.checkpoint)
+        cfg = trainer.config
+        self.progress = TrainingProgress(trainer.total_iters, quiet=self.out.quiet, first=trainer.iteration,
+                                         tokens_per_iter=cfg.batch_size * cfg.time_size)
+        self.progress.message([f"training {' -> '.join(s['type'] for s in trainer.model.specs)}",
+                               f"on {self.corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}):",
+                               f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g}",
+                               f"iterations {trainer.iteration}..{trainer.total_iters}"])
+
+    def on_step(self, iteration, total, loss):
+        self.progress.on_step(iteration, total, loss)
+
+    def on_eval(self, done, total):
+        self.progress.on_eval(done, total)
+
+    def on_log(self, record):
+        self.log(record)
+        self.progress.on_log(record)
+
+    def on_notice(self, message):
+        self.progress.notice(message)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.close()
+
+
+def train_with_progress(ctx, trainer, report):
+    """Run the trainer, reporting to `report` (a TrainReport); the final summary line."""
+    from .train.progress import fit_fields, is_terminal, terminal_width
     from .train.trainer import Interrupted
 
-    cfg = trainer.config
-    progress = TrainingProgress(trainer.total_iters, quiet=quiet, first=trainer.iteration,
-                                tokens_per_iter=cfg.batch_size * cfg.time_size)
-    trainer.on_step, trainer.on_eval, trainer.on_notice = progress.on_step, progress.on_eval, progress.notice
-    trainer.on_log = lambda record: (log(record), progress.on_log(record))
-    progress.message([f"training {' -> '.join(s['type'] for s in trainer.model.specs)}",
-                      f"on {corpus or 'the embedded demo corpus'} ({trainer.model.backend.name}):",
-                      f"B={cfg.batch_size} T={cfg.time_size} {cfg.optimizer} lr={trainer.optimizer.lr:g}",
-                      f"iterations {trainer.iteration}..{trainer.total_iters}"])
     try:
         trainer.run()
     except Interrupted as exc:
-        progress.close()
+        report.close()
         click.echo(f"{exc}; checkpoint saved to {trainer.checkpoint_path}", err=True)
         ctx.exit(exc.exit_code)
     finally:
-        progress.close()
-    last = log.records[-1] if log.records else {}
+        report.close()
+    last = report.log.records[-1] if report.log.records else {}
     summary = {k: last[k] for k in ("iteration", "epoch", "train_perplexity", "valid_perplexity") if k in last}
-    fields = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()]
-    return fit_fields(fields, terminal_width(sys.stdout) - 1) if is_terminal(sys.stdout) else " ".join(fields)
+    parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()]
+    return fit_fields(parts, terminal_width(sys.stdout) - 1) if is_terminal(sys.stdout) else " ".join(parts)
 
 
 def plot_current_run(log, path):

@@ -1,4 +1,4 @@
-"""A language model assembled from layer specs, and the named presets.
+"""A language model assembled from layer specs, and the specs of the named presets.
 
 A model is a list of layer specs whose last entry is a loss layer, e.g. the textbook's SimpleRnnlm:
 embedding -> rnn -> affine -> softmax_loss. Parameters and gradients are exposed by readable names
@@ -14,18 +14,15 @@ SGD step reads only the rows of the table that the block used.
 """
 
 import copy
-import inspect
 
 import numpy as np
 
+from .config import OUTPUT_LAYERS, PRESET_OPTIONS, PRESETS
 from .contract import GENERIC_LAYOUT
 from .errors import SpecError
 from .layers import LayerContext, layer_repr
 from .memory import LOWER_MODEL, out_of_memory
 from .registry import check_spec
-
-
-OUTPUT_LAYERS = ("full", "adaptive")
 
 
 def recurrent_lm(cell, wordvec_size, hidden_size, num_layers=1, dropout=None, tie_weights=False,
@@ -62,44 +59,16 @@ def output_specs(output_layer, tie_weights, cutoffs, div_value):
     return [{"type": "adaptive_softmax_loss", "cutoffs": list(cutoffs), **options}]
 
 
-def simple_rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False,
-                 output_layer="full", cutoffs=None, div_value=None):
-    """The textbook's SimpleRnnlm: embedding -> Elman RNN -> affine -> softmax loss (or adaptive softmax)."""
-    return recurrent_lm("rnn", wordvec_size, hidden_size, num_layers, dropout, tie_weights, output_layer, cutoffs,
-                        div_value)
-
-
-def rnnlm(wordvec_size=100, hidden_size=100, num_layers=1, dropout=None, tie_weights=False,
-          output_layer="full", cutoffs=None, div_value=None):
-    """The textbook's chapter-6 Rnnlm: embedding -> LSTM -> affine -> softmax loss (or adaptive softmax)."""
-    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights, output_layer, cutoffs,
-                        div_value)
-
-
-def better_rnnlm(wordvec_size=650, hidden_size=650, num_layers=2, dropout=0.5, tie_weights=True,
-                 output_layer="full", cutoffs=None, div_value=None):
-    """The textbook's BetterRnnlm (Zaremba et al.'s medium model with tied weights).
-
-    Two LSTMs with dropout before, between and after them; the output affine shares the embedding's
-    table, so wordvec_size must equal hidden_size.
-    """
-    return recurrent_lm("lstm", wordvec_size, hidden_size, num_layers, dropout, tie_weights, output_layer, cutoffs,
-                        div_value)
-
-
-PRESETS = {"simple-rnnlm": simple_rnnlm, "rnnlm": rnnlm, "better-rnnlm": better_rnnlm}
-
-
-def preset_specs(name, **sizes):
-    """The layer specs of preset `name`, with its options (wordvec_size, hidden_size, num_layers,
-    dropout, tie_weights, and the output layer's: output_layer, cutoffs, div_value)."""
+def preset_specs(name, **options):
+    """The layer specs of preset `name` (a row of `gpurnn.config.PRESETS`), with its options changed
+    (wordvec_size, hidden_size, num_layers, dropout, tie_weights, and the output layer's: output_layer,
+    cutoffs, div_value)."""
     if name not in PRESETS:
         raise SpecError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
-    try:
-        inspect.signature(PRESETS[name]).bind(**sizes)
-    except TypeError as exc:
-        raise SpecError(f"model preset {name!r}: {exc}") from None
-    return PRESETS[name](**sizes)
+    for key in options:
+        if key not in PRESET_OPTIONS:
+            raise SpecError(f"model preset {name!r}: got an unexpected keyword argument {key!r}")
+    return recurrent_lm(**{**PRESETS[name], **options})
 
 
 def layer_names(specs):

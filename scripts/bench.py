@@ -38,13 +38,14 @@ from statistics import median
 import numpy as np
 
 from gpurnn.backend import cpu_name, get_backend, probe_cupy
+from gpurnn.config import TrainConfig
 from gpurnn.model import Model, preset_specs
 from gpurnn.ops import cpu_threads, for_row_blocks
 from gpurnn.registry import Registry
 from gpurnn.train.evaluate import block_forward
 from gpurnn.train.graph import CapturedStep
 from gpurnn.train.optim import SGD
-from gpurnn.train.trainer import TrainConfig, Trainer
+from gpurnn.train.trainer import Observer, Trainer
 
 V, B, T = 10000, 20, 35
 CONFIGS = {
@@ -96,13 +97,20 @@ def timed(fn, data, warmup, sync):
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
+class NoticesToStderr(Observer):
+    """Prints the trainer's one-off notices (such as a CUDA graph that could not be captured)."""
+
+    def on_notice(self, message):
+        print(message, file=sys.stderr)
+
+
 def run_gpurnn(cfg, backend_name, data, warmup, cuda_graph=True, output="full"):
     backend = get_backend(backend_name)
     model = Model(preset_specs(cfg["preset"], **preset_options(cfg, output)), vocab_size(cfg), backend, Registry(),
                   seed=0)
     trainer = Trainer(model, SGD(lr=LR), None, TrainConfig(batch_size=B, time_size=T, clip=CLIP,
                                                            cuda_graph=cuda_graph),
-                      on_notice=lambda message: print(message, file=sys.stderr))
+                      observer=NoticesToStderr())
 
     def train_step(xs, ts):
         trainer.step(xs, ts)

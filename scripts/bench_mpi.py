@@ -32,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import B, CLIP, CONFIGS, LR, T, V, batches, preset_options  # noqa: E402
 
 from gpurnn.backend import cpu_name, get_backend  # noqa: E402
+from gpurnn.config import TrainConfig  # noqa: E402
 from gpurnn.model import Model, preset_specs  # noqa: E402
 from gpurnn.ops import cpu_threads  # noqa: E402
 from gpurnn.registry import Registry  # noqa: E402
 from gpurnn.train.optim import SGD  # noqa: E402
 from gpurnn.train.parallel import world  # noqa: E402
-from gpurnn.train.trainer import TrainConfig, Trainer  # noqa: E402
+from gpurnn.train.trainer import Trainer  # noqa: E402
 
 
 def build(config):

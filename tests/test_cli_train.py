@@ -243,3 +243,40 @@ def test_the_ptb_scripts_say_where_ptb_comes_from(tmp_path, script, args):
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"no {tmp_path / 'nowhere'}/ptb.train.txt: set GPURNN_PTB_DIR" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_train_options_are_the_configuration_fields_with_their_defaults_and_help():
+    from dataclasses import fields
+
+    import click
+
+    from gpurnn.cli import train
+    from gpurnn.config import CONFIGS, PRESETS, command_options
+
+    options = {p.name: p for p in train.params if isinstance(p, click.Option)}
+    runtime = {"config", "backend", "plugins", "debug", "help"}
+    fields_with_options = {f.name for config in CONFIGS for f in fields(config) if f.metadata["setting"].section}
+    assert set(options) - runtime == fields_with_options == {opt.name for opt in command_options()}
+    for opt in command_options():
+        param = options[opt.name]
+        assert param.help == opt.setting.help and param.default == opt.default
+        assert param.show_default == (opt.shown if opt.shown is not None else None)
+        assert param.section == opt.setting.section
+    assert list(options["model"].type.choices) == list(PRESETS)
+    assert options["hidden_size"].show_default == "the preset's: 100, better-rnnlm 650"
+    assert options["batch_size"].show_default == "20; demo 10"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lr": float("nan")}, "--lr must be a finite number > 0, not nan"),
+    ({"lr_decay": 1.5}, "--lr-decay must be at most 1, not 1.5"),
+    ({"batch_size": True}, "--batch-size must be a positive integer, not True"),
+    ({"optimizer": "rmsprop"}, "--optimizer must be one of sgd, adam, not 'rmsprop'"),
+    ({"warmup": 3}, "unknown training option(s) warmup"),
+])
+def test_a_train_config_refuses_values_its_fields_exclude(options, message):
+    from gpurnn.config import TrainConfig
+
+    with pytest.raises(GpurnnError) as caught:
+        TrainConfig.from_options(options)
+    assert str(caught.value) == message

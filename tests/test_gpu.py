@@ -11,9 +11,10 @@ import pytest
 
 from gpurnn import ops
 from gpurnn.backend import get_backend, using_stream
+from gpurnn.config import TrainConfig
 from gpurnn.model import Model, preset_specs
 from gpurnn.train.optim import Adam
-from gpurnn.train.trainer import TrainConfig, Trainer
+from gpurnn.train.trainer import Observer, Trainer
 
 from .conftest import requires_gpu
 
@@ -35,9 +36,17 @@ def batches(count, seed=0):
             for _ in range(count)]
 
 
-def trainer(backend, registry, graph=True, output="full"):
+def trainer(backend, registry, graph=True, output="full", **options):
     model = Model(specs(output), V, backend, registry, seed=3)
-    return Trainer(model, Adam(lr=0.01), None, TrainConfig(batch_size=B, time_size=T, clip=0.5, cuda_graph=graph))
+    return Trainer(model, Adam(lr=0.01), None, TrainConfig(batch_size=B, time_size=T, clip=0.5, cuda_graph=graph),
+                   **options)
+
+
+class Notices(Observer, list):
+    """An observer that keeps the notices it hears."""
+
+    def on_notice(self, message):
+        self.append(message)
 
 
 def run(tr, data):
@@ -194,8 +203,8 @@ def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(regi
 def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_why_once(registry):
     data = batches(6)
     eager = run(trainer(get_backend("cupy", "float64"), registry, graph=False), data)
-    tr, notices = trainer(get_backend("cupy", "float64"), registry), []
-    tr.on_notice = notices.append
+    notices = Notices()
+    tr = trainer(get_backend("cupy", "float64"), registry, observer=notices)
     step = tr.graph.compute
     tr.graph.compute = lambda xs, ts: step(xs, ts) + 0 * float(tr.model.flat_params[0])  # a host read
     assert run(tr, data)[0] == eager[0]
@@ -209,8 +218,8 @@ def test_a_validation_that_cannot_be_captured_evaluates_eagerly_and_says_why_onc
 
     backend = get_backend("cupy", "float64")
     ids = np.random.default_rng(6).integers(0, V, 200).astype(np.int32)  # 10 lanes of 5 blocks
-    tr, notices = trainer(backend, registry), []
-    tr.on_notice, tr.valid_ids = notices.append, ids
+    notices = Notices()
+    tr = trainer(backend, registry, observer=notices, valid_ids=ids)
     model, forward = tr.model, tr.model.forward
     model.forward = lambda xs, ts: forward(xs, ts) + 0 * float(model.flat_params[0])  # a host read
     eager = perplexity(Model(specs(), V, backend, registry, seed=3), ids, tr.config.eval_batch_size, T,

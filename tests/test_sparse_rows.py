@@ -9,11 +9,12 @@ weight, an all-reduce over ranks) must keep it dense.
 import numpy as np
 import pytest
 
+from gpurnn.config import TrainConfig
 from gpurnn.model import Model, preset_specs
 from gpurnn.ops import sgd_update
 from gpurnn.train.optim import SGD, Adam
 from gpurnn.train.parallel import Group
-from gpurnn.train.trainer import TrainConfig, Trainer
+from gpurnn.train.trainer import Trainer
 
 V, B, T = 40, 3, 5
 

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from ..config import is_int
 from ..errors import DataError
 
 IGNORE = -1  # a target that scores nothing (padding); the softmax loss's default ignore_index
@@ -147,7 +148,7 @@ def check_lanes(lanes, batch_size):
 
 
 def check_positive(what, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not (is_int(value) and value >= 1):
         raise DataError(f"{what} must be a positive integer, not {value!r}")
     return int(value)
 

@@ -15,12 +15,12 @@ import h5py
 
 from ..atomic import check_not_inputs, check_output_path, os_error_cause, write_bytes_atomically
 from ..backend import get_backend
+from ..config import TrainConfig
 from ..data import Vocab, open_corpus
 from ..errors import DataError, ExportError
 from ..lock import PathLock
 from ..train.checkpoint import STRIPPED, check_writable, load_checkpoint, save_checkpoint
 from ..train.job import model_from_checkpoint
-from ..train.trainer import TrainConfig
 from .safetensors_file import read_safetensors, write_safetensors
 from .torch_names import checked_args, model_from_torch, torch_tensors
 

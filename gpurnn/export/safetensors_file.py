@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from ..atomic import write_bytes_atomically
+from ..config import is_int
 from ..errors import ExportError
 
 # safetensors dtype name -> NumPy dtype (little-endian); BF16 is read as its 16 bits, then widened.
@@ -115,7 +116,7 @@ def check_entry(name, entry, refuse):
 
 
 def is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def to_array(raw, dtype, shape):

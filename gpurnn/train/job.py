@@ -6,24 +6,21 @@ of Penn Treebank) with the textbook's chapter-5 settings. Under `mpiexec` every 
 the same options (checked) and gets a trainer over its own lanes of the batch (see parallel.py).
 """
 
-import math
 import sys
 import tomllib
 from pathlib import Path
 
 from ..atomic import check_not_inputs, check_output_path, remove_stale_temps
+from ..config import TrainConfig, is_int, is_number
 from ..data import BPTTStream, demo_corpus, open_corpus
-from ..errors import CheckpointError, GpurnnError, SpecError
+from ..errors import CheckpointError, SpecError
 from ..lock import PathLock
 from ..model import Model, preset_specs
 from .checkpoint import STRIPPED, check_writable, load_checkpoint, restore_params, verify_checkpoint
 from .optim import make_optimizer
 from .parallel import world
-from .trainer import TrainConfig, Trainer
+from .trainer import Trainer
 
-# The textbook's chapter-5 run on its 1,000-word sample: SimpleRnnlm D = H = 100, SGD lr 0.1.
-DEMO_DEFAULTS = {"batch_size": 10, "time_size": 5, "lr": 0.1, "epochs": 100, "optimizer": "sgd"}
-CORPUS_DEFAULTS = {"batch_size": 20, "time_size": 35, "lr": 0.1, "epochs": 1, "optimizer": "sgd"}
 # Options a resumed run may change (how long, how often, and the schedule from here on: a new --lr
 # replaces the checkpoint's current, possibly decayed, rate); any other explicit option must match.
 RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip",
@@ -57,27 +54,12 @@ def check_layer_values(spec, where):
     where = f"{where} ({spec['type']})"
     for key in POSITIVE_INT_OPTIONS:
         value = spec.get(key)
-        if key in spec and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if key in spec and not (is_int(value) and value >= 1):
             raise SpecError(f"{where}: {key} must be a positive integer, not {value!r}")
     for key in PROBABILITY_OPTIONS:
         value = spec.get(key)
-        if key in spec and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+        if key in spec and not (is_number(value) and 0 <= value < 1):
             raise SpecError(f"{where}: {key} must be a probability in [0, 1), not {value!r}")
-
-
-def check_train_config(config):
-    """Refuse option values no run can use: non-finite or non-positive rates, clips and counts."""
-    for key in ("lr", "clip", "lr_decay"):
-        value = getattr(config, key)
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise GpurnnError(f"--{key.replace('_', '-')} must be a finite number > 0, not {value!r}")
-    if config.lr_decay is not None and config.lr_decay > 1:
-        raise GpurnnError(f"--lr-decay must be at most 1, not {config.lr_decay!r}")
-    for key in ("batch_size", "time_size", "epochs", "max_iters", "eval_every", "save_every", "log_every",
-                "eval_batch_size"):
-        value = getattr(config, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise GpurnnError(f"--{key.replace('_', '-')} must be a positive integer, not {value!r}")
 
 
 def check_outputs(corpus=None, checkpoint=None, metrics=None, plot=None, model_config=None):
@@ -92,11 +74,12 @@ def check_outputs(corpus=None, checkpoint=None, metrics=None, plot=None, model_c
         check_output_path(plot, "plot")
 
 
-def model_specs(model="simple-rnnlm", model_config=None, **preset_options):
-    """The layer specs chosen by --model-config, or by --model with its options (None: the preset's)."""
-    if model_config:
-        return load_model_config(model_config)
-    return preset_specs(model, **{k: v for k, v in preset_options.items() if v is not None})
+def model_specs(options):
+    """The layer specs `options` (a config.ModelOptions) choose: its model config file, or its preset with
+    the preset options given."""
+    if options.model_config:
+        return load_model_config(options.model_config)
+    return preset_specs(options.model, **options.preset_options())
 
 
 def corpus_source(path):
@@ -105,15 +88,16 @@ def corpus_source(path):
 
 
 def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, checkpoint=None,
-                resume=False, run_meta=None, best_path=None, on_note=None):
+                resume=False, run_meta=None, best_path=None, on_note=None, observer=None):
     """A ready Trainer (restored when resuming) and the corpus it reads.
 
-    `options` maps TrainConfig fields to values, None meaning "default"; `explicit` names those the
-    user actually gave (only they can contradict a checkpoint). `run_meta` (such as the run id and
-    model name) goes into the trainer's `extra_meta`, saved in checkpoints; a resumed run keeps the
-    checkpoint's values, so it keeps its identity. The checkpoint path is locked against other
-    trainers until the Trainer's run ends. `on_note(text)` hears of schedule options a resume changes
-    (default: printed to stderr).
+    `options` maps TrainConfig fields to values, None meaning "default" (the demo's without a
+    corpus); `explicit` names those the user actually gave (only they can contradict a checkpoint),
+    and a resumed run takes the others from the checkpoint, where they are checked again. `run_meta`
+    (such as the run id and model name) goes into the trainer's `extra_meta`, saved in checkpoints; a
+    resumed run keeps the checkpoint's values, so it keeps its identity. The checkpoint path is locked
+    against other trainers until the Trainer's run ends. `on_note(text)` hears of schedule options a
+    resume changes (default: printed to stderr); `observer` (a trainer.Observer) hears the training.
     """
     group = world()
     group.check_same({**options, "corpus": corpus_path, "specs": specs, "explicit": sorted(explicit),
@@ -136,38 +120,35 @@ def prepare_job(corpus_path, *, specs, options, explicit, backend, registry, che
                 check_resume(saved, corpus, specs, options, explicit)
                 specs = saved.meta["specs"]
                 options = {**saved.meta["config"], **{k: v for k, v in options.items() if k in explicit}}
-            defaults = DEMO_DEFAULTS if corpus_path is None else CORPUS_DEFAULTS
-            chosen = {k: v for k, v in options.items() if v is not None}
-            config = TrainConfig(**{**defaults, **chosen})
-            check_train_config(config)
-            train_ids = corpus.split("train")
+            config = TrainConfig.from_options(options, demo=corpus_path is None)
             lanes = group.lanes(config.batch_size)
-            stream = BPTTStream(train_ids, config.batch_size, config.time_size, lanes=lanes)
-            if "log_every" not in chosen:
-                config.log_every = min(stream.steps_per_epoch, 100)
+            stream = BPTTStream(corpus.split("train"), config.batch_size, config.time_size, lanes=lanes)
             model = Model(specs, len(corpus.vocab), backend, registry, seed=config.seed, first_lane=lanes[0])
             for spec, layer in zip(model.specs, model.layers):
                 if getattr(layer, "needs_frequency_order", False):  # such as the adaptive softmax's cutoffs
                     corpus.require_frequency_order(f"layer {spec['type']!r}")
             valid = corpus.split("valid")[:] if "valid" in corpus.splits else None
-            trainer = Trainer(model, make_optimizer(config.optimizer, config.lr), stream, config,
-                              valid_ids=valid if valid is not None and len(valid) > 1 else None,
+            run_meta = {k: saved.meta.get(k, v) if saved else v for k, v in (run_meta or {}).items()}
+            trainer = Trainer(model, make_optimizer(config.optimizer, starting_lr(saved, config, explicit)), stream,
+                              config, valid_ids=valid if valid is not None and len(valid) > 1 else None,
                               checkpoint_path=checkpoint, vocab=list(corpus.vocab),
-                              extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo")},
-                              best_path=best_path, group=group)
-            trainer.extra_meta.update({k: saved.meta.get(k, v) if saved else v for k, v in (run_meta or {}).items()})
-            if saved is not None:
-                trainer.restore(saved)
-                for line in schedule_changes(saved, config, explicit) if group.rank == 0 else ():
-                    (on_note or _print_note)(line)
-                if "lr" in explicit and config.lr != saved.meta["config"]["lr"]:
-                    trainer.optimizer.lr = config.lr
+                              extra_meta={"level": corpus.level, "corpus": str(corpus_path or "demo"), **run_meta},
+                              observer=observer, best_path=best_path, group=group, lock=lock, resume_from=saved)
+            for line in schedule_changes(saved, config, explicit) if saved and group.rank == 0 else ():
+                (on_note or _print_note)(line)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    trainer.lock = lock
     return trainer, corpus
+
+
+def starting_lr(saved, config, explicit):
+    """The learning rate to go on with: --lr, unless resuming, where the checkpoint's current (possibly
+    decayed) rate is kept unless --lr gives a new one."""
+    if saved is None or ("lr" in explicit and config.lr != saved.meta["config"]["lr"]):
+        return config.lr
+    return saved.meta["trainer"]["lr"]
 
 
 def _print_note(text):

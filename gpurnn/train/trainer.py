@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -56,35 +56,42 @@ class Interrupted(Exception):
         return f"{self.args[0]} ({signal.Signals(self.signum).name})"
 
 
-@dataclass
-class TrainConfig:
-    """Training options (saved in checkpoints). epochs or max_iters bounds the run."""
+class Observer:
+    """What a Trainer reports as it runs, for progress displays and run records; override what you need
+    (each method here does nothing).
 
-    batch_size: int = 20
-    time_size: int = 35
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    clip: float | None = None
-    lr_decay: float | None = None
-    epochs: int | None = None
-    max_iters: int | None = None
-    seed: int = 0
-    eval_every: int | None = None
-    eval_batch_size: int = 10
-    save_every: int | None = None
-    log_every: int = 20
-    cuda_graph: bool = True
+    on_start(trainer) when `run()` begins; on_step(iteration, total, loss) after every iteration, the
+    loss still on the device; on_eval(done, total) after each validation batch; on_log(record) for each
+    logged record (iteration, epoch, lr, train_perplexity, tokens_per_second, and valid_perplexity when
+    evaluated); on_notice(message) for one-off notices (each message once: a CUDA graph that cannot be
+    captured, at training or at each validation).
+    """
+
+    def on_start(self, trainer):
+        pass
+
+    def on_step(self, iteration, total, loss):
+        pass
+
+    def on_eval(self, done, total):
+        pass
+
+    def on_log(self, record):
+        pass
+
+    def on_notice(self, message):
+        pass
 
 
 class Trainer:
     """Runs a model over a stream; `run()` trains until epochs/max_iters, saving where asked.
 
-    on_log(record) receives each logged record (iteration, epoch, lr, train_perplexity,
-    tokens_per_second, and valid_perplexity when evaluated); on_step(iteration, total, loss) is
-    called after every iteration with the loss still on the device, and on_eval(done, total) after
-    each validation batch, for progress bars; on_notice(message) receives one-off notices (each
-    message once: a CUDA graph that cannot be captured, at training or at each validation). With
-    `best_path`, the checkpoint of the best validation perplexity so far is also written there.
+    Complete when made: `config` (a TrainConfig; log_every None becomes an epoch, at most 100),
+    `observer` (an Observer) hears of progress, `extra_meta` is saved in checkpoints, `lock` (a held
+    PathLock on the checkpoint) is released when run() ends, and `resume_from` (a loaded Checkpoint
+    made by `save` for this model and stream) is where training continues; the optimizer keeps the
+    rate it is given. With `best_path`, the checkpoint of the best validation perplexity so far is
+    also written there.
 
     Data parallel: `group` (parallel.Group) is this rank's place among R ranks, each training on the
     stream's `lanes`; the gradients are summed over the ranks after backward, and rank 0 alone logs,
@@ -92,17 +99,16 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, stream, config, *, valid_ids=None, checkpoint_path=None,
-                 vocab=(), extra_meta=None, on_log=None, on_step=None, on_eval=None, on_notice=None,
-                 best_path=None, group=None):
+                 vocab=(), extra_meta=None, observer=None, best_path=None, group=None, lock=None,
+                 resume_from=None):
+        if config.log_every is None and stream is not None:
+            config = replace(config, log_every=min(stream.steps_per_epoch, 100))
         self.model, self.optimizer, self.stream, self.config = model, optimizer, stream, config
         self.group = group or Group()
         self.valid_ids = valid_ids
         self.checkpoint_path = checkpoint_path
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
-        self.on_log = on_log or (lambda record: None)
-        self.on_step = on_step or (lambda iteration, total, loss: None)
-        self.on_eval = on_eval
-        self.on_notice = on_notice or (lambda message: None)
+        self.observer = observer or Observer()
         self.best_path = best_path
         backend = model.backend
         # Row-sparse embedding gradients save the CPU two passes over a large table per step; the
@@ -116,16 +122,17 @@ class Trainer:
         self.saved_iteration = None
         self._window = []
         self._window_start = None
-        self._stop_requested = False
-        self._stop_signal = self._abort_signal = None
+        self._stop_signal = self._abort_signal = None  # the signal that asked to stop; to stop at once
         self._saving = False
-        self.lock = None  # a held PathLock on the checkpoint, released when run() ends
+        self.lock = lock
+        if resume_from is not None:
+            self._restore(resume_from)
 
     @property
     def total_iters(self):
         if self.config.max_iters is not None:
             return self.config.max_iters
-        return (self.config.epochs or 1) * self.stream.steps_per_epoch
+        return self.config.epochs * self.stream.steps_per_epoch
 
     def run(self):
         """Train to `total_iters` and save; on a stop signal save a checkpoint and raise Interrupted."""
@@ -133,6 +140,7 @@ class Trainer:
         interrupted = False
         try:
             try:
+                self.observer.on_start(self)
                 with np.errstate(over="ignore", invalid="ignore"), self.threads():  # non-finite: caught later
                     self._loop_in_memory()
             except Interrupted as exc:
@@ -158,7 +166,7 @@ class Trainer:
     def _notice_once(self, message):
         if message not in self._noticed:
             self._noticed.add(message)
-            self.on_notice(message)
+            self.observer.on_notice(message)
 
     def release_lock(self):
         if self.lock is not None:
@@ -167,8 +175,8 @@ class Trainer:
     def _request_stop(self, signum, frame):
         if self.group.size > 1:  # many ranks cannot agree on where to stop: stop at once
             raise KeyboardInterrupt
-        if not self._stop_requested:  # stop after this iteration, with a checkpoint
-            self._stop_requested, self._stop_signal = True, signum
+        if self._stop_signal is None:  # stop after this iteration, with a checkpoint
+            self._stop_signal = signum
         elif self._saving:  # a second signal: stop as soon as the save in progress is complete
             self._abort_signal = signum
         else:
@@ -206,12 +214,13 @@ class Trainer:
             i = self.iteration
             evaluate = bool(cfg.eval_every and i % cfg.eval_every == 0) or (i == total and self.valid_ids is not None)
             save = bool(cfg.save_every and i % cfg.save_every == 0)
-            if i % cfg.log_every == 0 or evaluate or save or i == total or self._stop_requested:
+            stop = self._stop_signal is not None
+            if i % cfg.log_every == 0 or evaluate or save or i == total or stop:
                 self._log(evaluate)
-            if save or self._stop_requested:
+            if save or stop:
                 self.save()
-            self.on_step(i, total, loss)
-            if self._stop_requested:
+            self.observer.on_step(i, total, loss)
+            if stop:
                 raise Interrupted(f"interrupted at iteration {i}")
 
     def step(self, xs, ts):
@@ -256,15 +265,16 @@ class Trainer:
             if scheduled and self._plateau(valid) and self.best_path:
                 self.save(self.best_path)
         if self.group.rank == 0:
-            self.on_log(record)
+            self.observer.on_log(record)
         self._window = []
         self._window_start = time.perf_counter()
 
     def validate(self):
         """The perplexity on `valid_ids`, the same on every rank (rank 0's sum); the training step's
         graph is captured again after it."""
-        valid = perplexity(self.model, self.valid_ids, self.config.eval_batch_size, self.config.time_size,
-                           progress=self.on_eval, on_note=self._notice_once, cuda_graph=self.config.cuda_graph,
+        cfg = self.config
+        valid = perplexity(self.model, self.valid_ids, cfg.eval_batch_size, cfg.time_size,
+                           progress=self.observer.on_eval, on_note=self._notice_once, cuda_graph=cfg.cuda_graph,
                            group=self.group)[0]
         valid = self.group.from_root(lambda: valid)  # rank 0's sum: every rank decides alike
         if self.graph is not None:
@@ -339,12 +349,11 @@ class Trainer:
         if path == self.checkpoint_path:
             self.saved_iteration = self.iteration
 
-    def restore(self, checkpoint):
+    def _restore(self, checkpoint):
         """Continue from a loaded Checkpoint made by `save` for this same model and stream."""
         backend, model, meta = self.model.backend, self.model, checkpoint.meta
         restore_params(model.params, checkpoint, backend)
         self.optimizer.load_state_dict({**meta["optimizer_scalars"], **checkpoint.optimizer_arrays}, model)
-        self.optimizer.lr = meta["trainer"]["lr"]
         lo, hi = self.stream.lanes  # the saved state holds every lane of the global batch
         model.set_state({k: backend.asarray(v[lo:hi]) for k, v in checkpoint.state.items()})
         self.stream.load_state_dict(meta["stream"])
