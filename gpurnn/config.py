@@ -58,8 +58,9 @@ class Range:
         return self.above_low(value) and self.below_high(value)
 
 
-POSITIVE = Range(1)  # for counts: 1, 2, ...
+POSITIVE = Range(1)  # for counts and sizes: 1, 2, ...
 ABOVE_ZERO = Range(0, low_open=True)
+PROBABILITY = Range(0, 1, high_open=True)  # for dropout rates
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class Setting:
     """What a configuration field means to a user.
 
     `section`: the help heading of its command-line option (None: no option); `unset`: what None
-    means, as help shows it; `path`: "file" or "dir" for a path option.
+    means, as help shows it; `path`: "file" or "dir" for a path option; `resumable`: a resumed run may
+    change it (how long, how often, and the schedule from there on), where any other value given must
+    match the checkpoint's.
     """
 
     help: str
@@ -76,6 +79,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     unset: str | None = None
     path: str | None = None
+    resumable: bool = False
 
 
 def setting(default: Any, help: str, section: str | None, **how: Any) -> Any:
@@ -111,7 +115,7 @@ class ModelOptions:
     hidden_size: int | None = setting(None, "Hidden size H of each recurrent layer.", MODEL, range=POSITIVE)
     num_layers: int | None = setting(None, "Recurrent layers stacked.", MODEL, range=POSITIVE)
     dropout: float | None = setting(None, "Dropout before, between and after the recurrent layers.", MODEL,
-                                    range=Range(0, 1, high_open=True))
+                                    range=PROBABILITY)
     tie_weights: bool | None = setting(None, "The output layer shares the embedding's table (needs D = H).", MODEL)
     output_layer: str | None = setting(
         None, "full: affine and softmax over the vocabulary; adaptive: the adaptive softmax (needs --cutoffs).",
@@ -136,25 +140,26 @@ class TrainConfig:
     """Training options (saved in checkpoints), checked when made; epochs or max_iters bounds the run."""
 
     optimizer: str = setting("sgd", "Optimizer.", OPTIM, choices=OPTIMIZERS)
-    lr: float = setting(0.1, "Learning rate.", OPTIM, range=ABOVE_ZERO)
+    lr: float = setting(0.1, "Learning rate.", OPTIM, range=ABOVE_ZERO, resumable=True)
     clip: float | None = setting(None, "Clip the global gradient norm to this.", OPTIM, range=ABOVE_ZERO,
-                                 unset="no clipping")
+                                 unset="no clipping", resumable=True)
     batch_size: int = setting(20, "Lanes B.", OPTIM, range=POSITIVE)
     time_size: int = setting(35, "Truncated-BPTT block length T.", OPTIM, range=POSITIVE)
     seed: int = setting(0, "Random seed (initial weights, dropout).", OPTIM)
-    epochs: int = setting(1, "Epochs to train.", SCHEDULE, range=POSITIVE)
+    epochs: int = setting(1, "Epochs to train.", SCHEDULE, range=POSITIVE, resumable=True)
     max_iters: int | None = setting(None, "Stop after this many iterations (overrides --epochs).", SCHEDULE,
-                                    range=POSITIVE)
+                                    range=POSITIVE, resumable=True)
     lr_decay: float | None = setting(None, "Multiply lr by this when validation perplexity stops improving.",
-                                     SCHEDULE, range=Range(0, 1, low_open=True), unset="no decay")
+                                     SCHEDULE, range=Range(0, 1, low_open=True), unset="no decay", resumable=True)
     eval_every: int | None = setting(None, "Validation perplexity every N iterations.", SCHEDULE, range=POSITIVE,
-                                     unset="at the end")
+                                     unset="at the end", resumable=True)
     log_every: int | None = setting(None, "Log a record every N iterations.", SCHEDULE, range=POSITIVE,
-                                    unset="an epoch, at most 100")
+                                    unset="an epoch, at most 100", resumable=True)
     save_every: int | None = setting(None, "Save the checkpoint every N iterations.", SCHEDULE, range=POSITIVE,
-                                     unset="at the end")
+                                     unset="at the end", resumable=True)
     eval_batch_size: int = setting(10, "Lanes of a validation pass.", None, range=POSITIVE)
-    cuda_graph: bool = setting(True, "CuPy: capture the training step once as a CUDA graph and replay it.", RUN)
+    cuda_graph: bool = setting(True, "CuPy: capture the training step once as a CUDA graph and replay it.", RUN,
+                               resumable=True)
 
     def __post_init__(self) -> None:
         kinds = field_kinds(type(self))
@@ -191,6 +196,7 @@ class OutputOptions:
 
 
 CONFIGS = (ModelOptions, TrainConfig, OutputOptions)
+RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata["setting"].resumable)
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,7 @@ def shown_default(f: Field) -> str | None:
 
 
 def value_text(value: Any, how: Setting) -> str:
+    """A preset's value as help shows it: on/off, or what None means."""
     if value is None:
         return how.unset or "none"
     if isinstance(value, bool):

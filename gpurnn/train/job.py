@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 from ..atomic import check_not_inputs, check_output_path, remove_stale_temps
-from ..config import TrainConfig, is_int, is_number
+from ..config import POSITIVE, PROBABILITY, RESUMABLE, TrainConfig, is_int, is_number
 from ..data import BPTTStream, demo_corpus, open_corpus
 from ..errors import CheckpointError, SpecError
 from ..lock import PathLock
@@ -21,10 +21,6 @@ from .optim import make_optimizer
 from .parallel import world
 from .trainer import Trainer
 
-# Options a resumed run may change (how long, how often, and the schedule from here on: a new --lr
-# replaces the checkpoint's current, possibly decayed, rate); any other explicit option must match.
-RESUME_MAY_CHANGE = {"epochs", "max_iters", "eval_every", "save_every", "log_every", "lr", "lr_decay", "clip",
-                     "cuda_graph"}
 # Layer options whose values are checked when a model config is read (plugins check their own others).
 POSITIVE_INT_OPTIONS = ("size", "hidden_size", "output_size")
 PROBABILITY_OPTIONS = ("p",)
@@ -54,11 +50,11 @@ def check_layer_values(spec, where):
     where = f"{where} ({spec['type']})"
     for key in POSITIVE_INT_OPTIONS:
         value = spec.get(key)
-        if key in spec and not (is_int(value) and value >= 1):
+        if key in spec and not (is_int(value) and POSITIVE.holds(value)):
             raise SpecError(f"{where}: {key} must be a positive integer, not {value!r}")
     for key in PROBABILITY_OPTIONS:
         value = spec.get(key)
-        if key in spec and not (is_number(value) and 0 <= value < 1):
+        if key in spec and not (is_number(value) and PROBABILITY.holds(value)):
             raise SpecError(f"{where}: {key} must be a probability in [0, 1), not {value!r}")
 
 
@@ -190,7 +186,7 @@ def check_resume(saved, corpus, specs, options, explicit):
     if "specs" in explicit and specs != saved.meta["specs"]:
         raise CheckpointError("the model options contradict the checkpoint's model; "
                               "leave them out when resuming")
-    for name in sorted(explicit - RESUME_MAY_CHANGE - {"specs"}):
+    for name in sorted(explicit - RESUMABLE - {"specs"}):
         if name in saved.meta["config"] and options.get(name) != saved.meta["config"][name]:
             raise CheckpointError(f"--{name.replace('_', '-')} {options.get(name)} contradicts the checkpoint "
                                   f"({saved.meta['config'][name]}); leave it out when resuming")
