@@ -108,7 +108,7 @@ class Trainer:
         self.valid_ids = valid_ids
         self.checkpoint_path = checkpoint_path
         self.vocab, self.extra_meta = list(vocab), dict(extra_meta or {})
-        self.observer = observer or Observer()
+        self.observer = Observer() if observer is None else observer
         self.best_path = best_path
         backend = model.backend
         # Row-sparse embedding gradients save the CPU two passes over a large table per step; the
