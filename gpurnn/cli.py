@@ -20,10 +20,9 @@ from click.core import ParameterSource
 
 from . import jsontext
 from .backend import BACKEND_NAMES, get_backend, probe_cupy
+from .config import PRESET_OPTIONS, RUN, SECTIONS, ModelOptions, OutputOptions, TrainConfig, command_options
 from .errors import GpurnnError
 from .memory import out_of_memory_error, size_text
-from .config import (MODEL, OPTIM, OUTPUT, PRESET_OPTIONS, RUN, SCHEDULE, ModelOptions, OutputOptions, TrainConfig,
-                     command_options)
 from .registry import Registry
 from .train.parallel import on_every_rank, world
 
@@ -61,7 +60,7 @@ class SectionCommand(click.Command):
     """
 
     def format_options(self, ctx, formatter):
-        sections = {title: [] for title in ("Options", MODEL, OPTIM, SCHEDULE, OUTPUT, RUN)}
+        sections = {title: [] for title in ("Options", *SECTIONS)}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
             if record:
@@ -76,7 +75,6 @@ class SectionCommand(click.Command):
 def option(section, *decls, **kwargs):
     """click.option under a help heading."""
     return click.option(*decls, cls=SectionOption, section=section, **kwargs)
-
 
 
 def runtime_options(command):
@@ -266,10 +264,12 @@ def click_type(opt):
         return click.Choice(list(how.choices))
     if how.path:
         return click.Path(dir_okay=False) if how.path == "file" else click.Path(file_okay=False)
+    if opt.kind is bool:
+        return None  # a flag
     if opt.kind is list:
         return IntList()
-    if how.range is None or opt.kind is bool:
-        return None if opt.kind is bool else opt.kind
+    if how.range is None:
+        return opt.kind
     ranged = click.IntRange if opt.kind is int else click.FloatRange
     return ranged(how.range.low, how.range.high, min_open=how.range.low_open, max_open=how.range.high_open)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import GpurnnError
 
-MODEL, OPTIM, SCHEDULE, OUTPUT, RUN = "Model", "Optimisation", "Schedule", "Output", "Run"
+MODEL, OPTIM, SCHEDULE, OUTPUT, RUN = SECTIONS = ("Model", "Optimisation", "Schedule", "Output", "Run")  # help headings
 
 
 def is_int(value: object) -> bool:
