@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import OUTPUT_LAYERS, PRESET_OPTIONS, PRESETS
 from .contract import GENERIC_LAYOUT
+from .data.stream import IGNORE
 from .errors import SpecError
 from .layers import LayerContext, layer_repr
 from .memory import LOWER_MODEL, out_of_memory
@@ -246,6 +247,23 @@ class Model:
             raise SpecError(f"loss layer {self.specs[-1]['type']!r} has no log_prob(x): it gives no "
                             f"distribution to sample from")
         return loss.log_prob(self.predict(xs))
+
+    @property
+    def ignore_index(self):
+        """The target the loss layer skips (padding): its `ignore_index`, IGNORE where it names none."""
+        return getattr(self.layers[-1], "ignore_index", IGNORE)
+
+    def target_log_prob(self, xs, ts):
+        """log P(ts[b, t] | xs[b, :t + 1]) per position (B, T), 0 where ts holds the loss layer's ignore
+        index; carries the recurrent state like forward. From the loss layer's `target_log_prob` where
+        it has one (no B x T x V array), else picked out of its `log_prob`."""
+        loss = self.layers[-1]
+        if callable(getattr(loss, "target_log_prob", None)):
+            return loss.target_log_prob(self.predict(xs), ts)
+        xp = self.backend.xp
+        ignored = ts == self.ignore_index
+        picked = xp.take_along_axis(self.log_prob(xs), xp.where(ignored, 0, ts)[..., None], axis=-1)[..., 0]
+        return xp.where(ignored, 0, picked)
 
     def forward(self, xs, ts):
         """Mean loss over the block (a 0-d device array)."""

@@ -18,7 +18,7 @@ from gpurnn.data.stream import IGNORE
 from gpurnn.errors import SpecError
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix, require_input_size
-from gpurnn.ops import (AdaptiveClusters, Workspace, adaptive_log_prob, adaptive_softmax_loss,
+from gpurnn.ops import (AdaptiveClusters, Workspace, adaptive_log_prob, adaptive_nll, adaptive_softmax_loss,
                         adaptive_softmax_loss_backward)
 
 NAME = "adaptive_softmax_loss"
@@ -96,6 +96,12 @@ class AdaptiveSoftmaxWithLoss(Layer):
         dh2 = adaptive_softmax_loss_backward(self.cache, dout, self._layout(self.params), self._layout(self.grads))
         self.cache = None
         return dh2.reshape(self.shape)
+
+    def target_log_prob(self, x, t):
+        """log P(t | x) per position (B, T) on the device, 0 where t is the ignore index (for scoring)."""
+        nll = adaptive_nll(x.reshape(-1, x.shape[-1]), t.reshape(-1), self._layout(self.params), self.clusters,
+                           self.ignore_index, self.work)
+        return -nll.reshape(t.shape)
 
     def log_prob(self, x):
         """The normalised log-distribution over the whole vocabulary, (B, T, V): head x tail."""

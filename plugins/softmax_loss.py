@@ -5,7 +5,7 @@ from gpurnn.errors import SpecError
 from gpurnn.export import LayerExport, identity_at_inference
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer
-from gpurnn.ops import log_softmax, softmax_cross_entropy, softmax_cross_entropy_backward
+from gpurnn.ops import log_softmax, softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll
 
 
 class TimeSoftmaxWithLoss(Layer):
@@ -32,15 +32,24 @@ class TimeSoftmaxWithLoss(Layer):
         Returns the mean loss as a 0-d array on the device: nothing here waits for the GPU. In
         evaluation mode no N x V buffer is written (a backward then recomputes what it needs).
         """
-        if x.shape[-1] != self.vocab_size:  # the targets are token ids: each needs its column
-            raise SpecError(f"softmax_loss: its input has {x.shape[-1]} scores per position, not one for each "
-                            f"of the {self.vocab_size} tokens (the layer before it needs output_size "
-                            f"{self.vocab_size}, or none)")
+        self._check_scores(x)
         x2 = x.reshape(-1, x.shape[-1])
         buffer = self._work_buffer(x2.shape, x2.dtype) if self.training else None
         loss, self.cache = softmax_cross_entropy(x2, t.reshape(-1), self.ignore_index, buffer)
         self.inputs, self.shape, self.buffered = (x2, t.reshape(-1)), x.shape, buffer is not None
         return loss
+
+    def _check_scores(self, x):
+        if x.shape[-1] != self.vocab_size:  # the targets are token ids: each needs its column
+            raise SpecError(f"softmax_loss: its input has {x.shape[-1]} scores per position, not one for each "
+                            f"of the {self.vocab_size} tokens (the layer before it needs output_size "
+                            f"{self.vocab_size}, or none)")
+
+    def target_log_prob(self, x, t):
+        """log P(t | x) per position (B, T) on the device, 0 where t is the ignore index: the terms of
+        the loss, one by one (for scoring)."""
+        self._check_scores(x)
+        return -softmax_nll(x.reshape(-1, x.shape[-1]), t.reshape(-1), self.ignore_index).reshape(t.shape)
 
     def backward(self, dout=1.0):
         """d loss / d x, written into the reused work buffer: valid until the next forward."""

@@ -34,7 +34,7 @@ import numpy as np
 from ..backend import array_module
 from .kernels import KERNELS, dtype_scalar, grid_blocks, launch
 from .linear import column_sums, matmul
-from .losses import softmax_cross_entropy, softmax_cross_entropy_backward
+from .losses import softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll
 
 
 KERNELS["adaptive_targets"] = r"""
@@ -129,10 +129,8 @@ def adaptive_softmax_loss(h2, t, weights, clusters, ignore, work):
 
 def _gathered_loss(h2, t, tails, clusters, ignore, work, zh):
     """NumPy: the head on all rows, each cluster on the rows whose targets fall in it."""
-    valid = t != ignore
+    valid, cluster, head_t = _head_targets(t, clusters, ignore)
     count = max(int(valid.sum()), 1)
-    cluster = np.searchsorted(clusters.bounds, t, side="right")  # 0: a head word; k + 1: cluster k
-    head_t = np.where(valid & (cluster > 0), clusters.bounds[0] + cluster - 1, t)
     head_loss, head_cache = softmax_cross_entropy(zh, head_t, ignore, zh)
     total = float(head_loss) * count
     gathered = []
@@ -155,11 +153,7 @@ def _masked_loss(h2, t, tails, clusters, ignore, work, zh):
     """CuPy: targets bucketed on the device; every cluster's GEMMs on all rows, scored where they belong."""
     xp = array_module(h2)
     n, K = h2.shape[0], len(tails)
-    t = xp.ascontiguousarray(t, dtype=xp.int32)
-    head_t = work.get(xp, "head_t", (n,), np.int32)
-    tail_t = work.get(xp, "tail_t", (K, n), np.int32)
-    launch("adaptive_targets", h2.dtype, n, (t, np.int32(ignore), clusters.on_device, np.int32(K), head_t, tail_t,
-                                             np.int64(n)))
+    t, head_t, tail_t = _device_targets(t, clusters, ignore, work, h2.dtype)
     head_loss, head_cache = softmax_cross_entropy(zh, head_t, ignore, zh)
     count = xp.maximum((t != ignore).sum(), 1).astype(h2.dtype).reshape(1)
     lse, nll = work.get(xp, "tail_lse", (K, n), h2.dtype), work.get(xp, "tail_nll", (K, n), h2.dtype)
@@ -173,6 +167,50 @@ def _masked_loss(h2, t, tails, clusters, ignore, work, zh):
         scored.append((p, z))
     loss = head_loss + nll.sum() / count[0]
     return loss, ("cupy", h2, head_cache, scored, (tail_t, lse, count, ignore))
+
+
+def _head_targets(t, clusters, ignore):
+    """NumPy: (scored rows, 0 for a head word or k + 1 for cluster k, the head's target per row)."""
+    valid = t != ignore
+    cluster = np.searchsorted(clusters.bounds, t, side="right")
+    return valid, cluster, np.where(valid & (cluster > 0), clusters.bounds[0] + cluster - 1, t)
+
+
+def _device_targets(t, clusters, ignore, work, dtype):
+    """CuPy: (t as int32, the head's target per row, each cluster's local target per row or `ignore`),
+    bucketed by one kernel on the device (compiled for the float type `dtype`, which it does not use)."""
+    xp = array_module(t)
+    n, K = t.shape[0], len(clusters.sizes)
+    t = xp.ascontiguousarray(t, dtype=xp.int32)
+    head_t = work.get(xp, "head_t", (n,), np.int32)
+    tail_t = work.get(xp, "tail_t", (K, n), np.int32)
+    launch("adaptive_targets", dtype, n, (t, np.int32(ignore), clusters.on_device, np.int32(K), head_t, tail_t,
+                                          np.int64(n)))
+    return t, head_t, tail_t
+
+
+def adaptive_nll(h2, t, weights, clusters, ignore, work):
+    """Each row's negative log-likelihood of its target (N,), 0 where the target is `ignore`: the head's
+    term plus, for a tail word, its cluster's; the per-row terms of `adaptive_softmax_loss`'s mean.
+    NumPy scores each cluster on its own rows; CuPy every cluster on all rows, nothing read back."""
+    xp = array_module(h2)
+    head, bias, tails = weights
+    zh = head_logits(h2, head, bias, work.get(xp, "head", (h2.shape[0], clusters.head_size), h2.dtype))
+    if xp is np:
+        valid, cluster, head_t = _head_targets(t, clusters, ignore)
+        nll = softmax_nll(zh, head_t, ignore)
+        for k, (P, O) in enumerate(tails):
+            rows = np.flatnonzero(valid & (cluster == k + 1))
+            if len(rows):
+                z = matmul(matmul(h2[rows], P), O, out=work.get(np, f"tail{k}", (len(rows), O.shape[1]), h2.dtype))
+                nll[rows] += softmax_nll(z, t[rows] - clusters.bounds[k], ignore)
+        return nll
+    _, head_t, tail_t = _device_targets(t, clusters, ignore, work, h2.dtype)
+    nll = softmax_nll(zh, head_t, ignore)
+    for k, (P, O) in enumerate(tails):
+        z = matmul(matmul(h2, P), O, out=work.get(xp, f"tail{k}", (h2.shape[0], O.shape[1]), h2.dtype))
+        nll += softmax_nll(z, tail_t[k], ignore)  # 0 on the rows whose word is in another cluster
+    return nll
 
 
 def adaptive_softmax_loss_backward(cache, dout, weights, grads):

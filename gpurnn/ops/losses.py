@@ -108,35 +108,63 @@ def softmax_cross_entropy(x2, t, ignore, buffer):
     a caller that passes one anyway gets a non-finite loss, never a read outside the row.
     """
     xp = array_module(x2)
-    n = x2.shape[0]
     if xp is np:
-        valid = t != ignore
-        outside = valid & ((t < 0) | (t >= x2.shape[1]))
-        target = np.where(valid & ~outside, t, 0)
-        nll = np.empty(n, x2.dtype)
-        inv_sum = np.empty((n, 1), x2.dtype)
-        rows = np.arange(n)
-
-        def block(lo, hi):
-            eb = buffer[lo:hi] if buffer is not None else _scratch(hi - lo, x2.shape[1], x2.dtype)
-            np.subtract(x2[lo:hi], x2[lo:hi].max(axis=1, keepdims=True), out=eb)
-            picked = eb[rows[: hi - lo], target[lo:hi]]  # x[t] - max, read before exp overwrites it
-            np.exp(eb, out=eb)
-            s = eb.sum(axis=1)
-            nll[lo:hi] = np.log(s) - picked
-            inv_sum[lo:hi, 0] = 1 / s
-
-        for_row_blocks(x2, block)
-        nll[outside] = np.nan
+        nll, inv_sum, rows, target, valid, outside = _numpy_rows(x2, t, ignore, buffer)
         count = np.maximum(valid.sum(), 1).astype(x2.dtype)
         return (nll * valid).sum() / count, ("numpy", buffer, inv_sum, rows, target, valid, outside, count)
     x2, t = xp.ascontiguousarray(x2), xp.ascontiguousarray(t, dtype=xp.int32)
-    lse, nll = xp.empty(n, x2.dtype), xp.empty(n, x2.dtype)
+    lse, nll = _device_rows(x2, t, ignore)
     loss, count = xp.empty((), x2.dtype), xp.empty(1, x2.dtype)
-    launch("softmax_rows", x2.dtype, n, (x2, t, np.int32(ignore), lse, nll, np.int64(n), np.int32(x2.shape[1])),
-           blocks=grid_blocks(n, threads=1))  # a block per row (one for none), row-stride past 65,535
+    n = x2.shape[0]
     launch("softmax_loss_total", x2.dtype, n, (nll, t, np.int32(ignore), np.int64(n), loss, count), blocks=1)
     return loss, ("cupy", x2, t, ignore, lse, count, buffer)
+
+
+def softmax_nll(x2, t, ignore):
+    """Each row's negative log-likelihood -log softmax(x2[i])[t[i]] (N,), 0 where t[i] is `ignore`: the
+    per-row terms whose mean `softmax_cross_entropy` returns, left on the device."""
+    xp = array_module(x2)
+    if xp is np:
+        nll, _, _, _, valid, _ = _numpy_rows(x2, t, ignore, None)
+        nll[~valid] = 0
+        return nll
+    return _device_rows(xp.ascontiguousarray(x2), xp.ascontiguousarray(t, dtype=xp.int32), ignore)[1]
+
+
+def _numpy_rows(x2, t, ignore, buffer):
+    """NumPy: per cache-sized block of rows, max, exp and row sums while the block is in cache (exp
+    kept in `buffer` when given, else in a scratch array of the thread's). Returns (nll, 1 / row sums,
+    row numbers, targets clipped into range, valid rows, rows whose target is outside [0, V))."""
+    n = x2.shape[0]
+    valid = t != ignore
+    outside = valid & ((t < 0) | (t >= x2.shape[1]))
+    target = np.where(valid & ~outside, t, 0)
+    nll = np.empty(n, x2.dtype)
+    inv_sum = np.empty((n, 1), x2.dtype)
+    rows = np.arange(n)
+
+    def block(lo, hi):
+        eb = buffer[lo:hi] if buffer is not None else _scratch(hi - lo, x2.shape[1], x2.dtype)
+        np.subtract(x2[lo:hi], x2[lo:hi].max(axis=1, keepdims=True), out=eb)
+        picked = eb[rows[: hi - lo], target[lo:hi]]  # x[t] - max, read before exp overwrites it
+        np.exp(eb, out=eb)
+        s = eb.sum(axis=1)
+        nll[lo:hi] = np.log(s) - picked
+        inv_sum[lo:hi, 0] = 1 / s
+
+    for_row_blocks(x2, block)
+    nll[outside] = np.nan
+    return nll, inv_sum, rows, target, valid, outside
+
+
+def _device_rows(x2, t, ignore):
+    """CuPy: one kernel launch, a block per row: (log-sum-exp, nll) per row."""
+    xp = array_module(x2)
+    n = x2.shape[0]
+    lse, nll = xp.empty(n, x2.dtype), xp.empty(n, x2.dtype)
+    launch("softmax_rows", x2.dtype, n, (x2, t, np.int32(ignore), lse, nll, np.int64(n), np.int32(x2.shape[1])),
+           blocks=grid_blocks(n, threads=1))  # a block per row (one for none), row-stride past 65,535
+    return lse, nll
 
 
 def softmax_cross_entropy_backward(cache, dout=1.0):
