@@ -625,3 +625,6 @@ def main(argv=None):
         click.echo("interrupted", err=True)
         return 130
     return code if isinstance(code, int) else 0
+
+
+from .score import command as _score_command  # noqa: E402,F401  (defines `gpurnn score` in its own module)
