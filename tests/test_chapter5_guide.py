@@ -11,9 +11,10 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```$", GUIDE.read_text(encoding="utf-8")
 
 
 def test_the_guide_has_a_block_for_each_idea():
-    assert len(BLOCKS) == 7
+    assert len(BLOCKS) == 8
     for needle in ("sentence_log_probability", "np.tanh(h @ Wh + x[:, t] @ Wx + b)", "(up - down) / (2 * eps)",
-                   "second = model.predict", "BPTTStream(positions, batch_size=2, time_size=10)", "perplexity("):
+                   "second = model.predict", "BPTTStream(positions, batch_size=2, time_size=10)", "perplexity(",
+                   '"you say goodbye", "you say good die"'):
         assert any(needle in block for block in BLOCKS), needle
 
 
