@@ -329,3 +329,25 @@ def test_output_file_and_not_a_checkpoint(capsys, tmp_path, word_checkpoint):
     assert code == 2 and "not a readable gpurnn checkpoint" in err and len(err.strip().splitlines()) == 1
     code, out, err = run(capsys, "score", ck, tmp_path / "in.txt", "--pairs", "--nbest")
     assert code == 2 and "give --nbest or --pairs, not both" in err
+
+
+@pytest.mark.parametrize("output", ["full", "adaptive"])
+def test_the_cupy_backend_scores_as_numpy_does(tmp_path, registry, output):
+    """Through the stand-in for CuPy (tests/hostcupy): fixed bucket shapes, the kernels' per-row scores."""
+    from .kernels_on_host import compiler
+    from .test_host_cupy import with_stand_in
+
+    if compiler() is None:
+        pytest.skip("no g++ to build the kernels for the host")
+    vocab = vocab_of("word")
+    ck = write_checkpoint(tmp_path / "ck.h5", random_model(registry, len(vocab), output, "float32"), vocab, "word")
+    lengths = np.random.default_rng(2).integers(0, 40, 150)
+    (tmp_path / "in.txt").write_text("\n".join(random_sentences("word", lengths)) + "\n")
+    for context in ("sentence", "carry"):
+        scores = {}
+        for backend in ("numpy", "cupy"):
+            done = with_stand_in(["-m", "gpurnn", "--backend", backend, "score", str(ck), "in.txt", "--json",
+                                  "--batch-size", "16", "--context", context], tmp_path)
+            scores[backend] = [json.loads(line)["logprob"] for line in done.stdout.splitlines()[:-1]]
+        assert len(scores["cupy"]) == len(lengths)
+        np.testing.assert_allclose(scores["cupy"], scores["numpy"], rtol=1e-5)
