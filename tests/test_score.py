@@ -71,6 +71,16 @@ def test_batched_scores_equal_one_sentence_at_a_time(registry, level, output, dt
         np.testing.assert_allclose(score.log_prob, expected.sum(), rtol=rtol, atol=0)
 
 
+def test_a_loss_layer_without_target_log_prob_is_read_through_log_prob(registry):
+    vocab = vocab_of("word")
+    model = random_model(registry, len(vocab), "adaptive")
+    sentences = random_sentences("word", [0, 3, 17, 8])
+    expected = score_sentences(model, vocab, sentences)
+    model.layers[-1].target_log_prob = None  # as a plugin's loss layer that only has log_prob
+    for a, b in zip(score_sentences(model, vocab, sentences), expected):
+        np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=1e-12)
+
+
 def test_lowered_rows_and_pieces_score_the_same(registry):
     """A small bound on scores held at once lowers a bucket's rows and cuts long rows into pieces that
     carry the state: the same numbers, and a note saying so."""

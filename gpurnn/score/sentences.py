@@ -24,7 +24,7 @@ from itertools import islice
 
 import numpy as np
 
-from ..data.text import EOS, UNK, check_level
+from ..data.text import EOS, check_level
 from ..errors import GpurnnError
 from ..memory import is_out_of_memory, out_of_memory_error
 from ..train.evaluate import MAX_BLOCK_LOGITS
@@ -127,7 +127,6 @@ class Scorer:
         self.batch_size, self.eos, self.context, self.max_logits = batch_size, eos, context, max_logits
         self.on_note, self.progress = on_note or (lambda text: None), progress or (lambda n: None)
         self.end_id = vocab.index.get(END_TOKENS[level], vocab.unk_id)
-        self.unk_token = UNK in vocab.index
         self.carries = all(getattr(layer, "carry", True) for _, layer in model.stateful_layers())
         if context == "carry" and not self.carries:
             raise GpurnnError("--context carry needs every recurrent layer to carry its state (stateful)")
