@@ -361,3 +361,17 @@ def test_the_cupy_backend_scores_as_numpy_does(tmp_path, registry, output):
             scores[backend] = [json.loads(line)["logprob"] for line in done.stdout.splitlines()[:-1]]
         assert len(scores["cupy"]) == len(lengths)
         np.testing.assert_allclose(scores["cupy"], scores["numpy"], rtol=1e-5)
+
+
+def test_char_level_command_escapes_whitespace_tokens(capsys, tmp_path, registry):
+    vocab = vocab_of("char")
+    model = random_model(registry, len(vocab), dtype="float32")
+    ck = write_checkpoint(tmp_path / "ck.h5", model, vocab, "char")
+    (tmp_path / "in.txt").write_text("ab c\nz\n")
+    code, out, err = run(capsys, "score", ck, tmp_path / "in.txt", "--per-token")
+    assert code == 0, err
+    first, second = (line.split("\t") for line in out.splitlines())
+    assert [item.rsplit(":", 2)[0] for item in first[4].split(" ")] == ["a", "b", "\\s", "c", "\\n"]
+    assert first[1:3] == ["5", "0"] and second[1:3] == ["2", "1"] and first[-1] == "ab c"
+    (expected,) = score_sentences(model, vocab, ["ab c"], "char")
+    assert float(first[0]) == pytest.approx(expected.log_prob, abs=1e-4)
