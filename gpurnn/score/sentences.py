@@ -27,7 +27,7 @@ import numpy as np
 from ..data.text import EOS, check_level
 from ..errors import GpurnnError
 from ..memory import is_out_of_memory, out_of_memory_error
-from ..train.evaluate import MAX_BLOCK_LOGITS
+from ..train.evaluate import MAX_BLOCK_LOGITS, perplexity_of_loss
 
 CONTEXTS = ("sentence", "carry")
 END_TOKENS = {"word": EOS, "char": "\n"}  # what ends (and so starts) a sentence at each level
@@ -58,7 +58,7 @@ class SentenceScore:
     @property
     def perplexity(self):
         """exp(-log_prob / scored tokens); NaN when no token is scored."""
-        return math.exp(-self.log_prob / len(self.log_probs)) if len(self.log_probs) else math.nan
+        return perplexity(self.log_prob, len(self.log_probs))
 
 
 def sentence_tokens(text, level):
@@ -93,10 +93,7 @@ class Totals:
 
 def perplexity(log_prob, tokens):
     """exp(-log_prob / tokens); inf where that overflows, NaN for no tokens."""
-    if not tokens:
-        return math.nan
-    mean = -log_prob / tokens
-    return math.inf if mean > 709 else math.exp(mean)
+    return perplexity_of_loss(-log_prob / tokens) if tokens else math.nan
 
 
 @dataclass
