@@ -222,6 +222,18 @@ def test_command_text_json_per_token_and_summary(capsys, tmp_path, word_checkpoi
     assert summary["ppl1"] == pytest.approx(totals.ppl1, rel=1e-5)
 
 
+def test_a_progress_bar_on_a_terminal_only(capsys, monkeypatch, tmp_path, word_checkpoint):
+    ck, _, _ = word_checkpoint
+    (tmp_path / "in.txt").write_text("the cat\n" * 30)
+    code, out, err = run(capsys, "score", ck, tmp_path / "in.txt")
+    assert code == 0 and "sentences/s" not in err
+    monkeypatch.setattr("gpurnn.train.progress.is_terminal", lambda stream: True)
+    code, out, err = run(capsys, "score", ck, tmp_path / "in.txt")
+    assert code == 0 and len(out.splitlines()) == 30 and "sentences/s" in err
+    code, out, err = run(capsys, "score", ck, tmp_path / "in.txt", "--quiet")
+    assert code == 0 and "sentences/s" not in err
+
+
 def test_stdin_and_dash(capsys, monkeypatch, word_checkpoint):
     ck, _, _ = word_checkpoint
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"the cat\r\na dog\n")))

@@ -259,7 +259,8 @@ def score(ctx, checkpoint, texts, output, as_json, per_token, log_base, no_eos, 
 
         bar = tqdm(unit=" sentences", file=sys.stderr, dynamic_ncols=True, mininterval=0.2, leave=False)
     scorer = Scorer(model, Vocab(saved.vocab), level, batch_size, eos=not no_eos, context=context,
-                    on_note=lambda text: click.echo(f"note: {text}", err=True), progress=bar.update if bar else None)
+                    on_note=lambda text: click.echo(f"note: {text}", err=True),
+                    progress=None if bar is None else bar.update)
     lines = input_lines(texts, level)
     try:
         with output_file(output) as out:

@@ -221,7 +221,7 @@ class Scorer:
         """The host array of log P(ts | xs) (rows, width), computed `piece` positions at a time with the
         state carried between pieces, read back once."""
         backend, xp = self.model.backend, self.model.backend.xp
-        parts = [self.model.target_log_prob(backend.asarray(xs[:, lo:lo + piece]), backend.asarray(ts[:, lo:lo + piece]))
+        parts = [self.model.target_log_prob(*(backend.asarray(a[:, lo:lo + piece]) for a in (xs, ts)))
                  for lo in range(0, xs.shape[1], piece)]
         return backend.to_host(parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1))
 
