@@ -17,6 +17,7 @@ on the first sentences. --quick scores 40 sentences with D = H = 32 (a smoke tes
     python scripts/bench_score.py                           # both configs, NumPy, PyTorch on the CPU
     python scripts/bench_score.py --backend cupy --json out.json
     python scripts/bench_score.py --quick
+    python scripts/bench_score.py --corpus runs/ptb.h5    # vocabulary and test sentences from a corpus file
 """
 
 import gpurnn  # noqa: F401  first: it sets OpenBLAS's thread timeout before numpy loads OpenBLAS
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gpurnn.backend import get_backend
-from gpurnn.data import Vocab
+from gpurnn.data import Vocab, open_corpus
 from gpurnn.data.text import read_chunks
 from gpurnn.data.vocab import vocab_from_text
 from gpurnn.export.safetensors_file import read_safetensors, write_safetensors
@@ -152,6 +153,15 @@ def in_child(args, config, impl, files):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_sentences(corpus_path=None):
+    """PTB's vocabulary and test sentences: from a corpus file when given, else from the text files."""
+    if corpus_path:
+        with open_corpus(corpus_path) as corpus:
+            return list(corpus.vocab), corpus.decode(corpus.split("test")[:]).splitlines()
+    vocab = vocab_from_text(read_chunks(PTB / "ptb.train.txt", "word"), "word")
+    return vocab, (PTB / "ptb.test.txt").read_text(encoding="utf-8").splitlines()
+
+
 def has_torch():
     try:
         import torch  # noqa: F401
@@ -168,6 +178,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass (both)")
     parser.add_argument("--quick", action="store_true", help="40 sentences, D = H = 32: checks the harness only")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--corpus", help="a gpurnn corpus (.h5) of PTB: its vocabulary and test split (one "
+                                         "sentence per <eos>) instead of the text files in $GPURNN_PTB_DIR")
     parser.add_argument("--one", choices=["batched", "single", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", help=argparse.SUPPRESS)
@@ -178,8 +190,8 @@ def main():
         args.impl = args.one
         measure_one(args)
         return
-    vocab = vocab_from_text(read_chunks(PTB / "ptb.train.txt", "word"), "word")
-    sentences = (PTB / "ptb.test.txt").read_text(encoding="utf-8").splitlines()[:40 if args.quick else None]
+    vocab, sentences = test_sentences(args.corpus)
+    sentences = sentences[:40 if args.quick else None]
     tokens = sum(len(s.split()) + 1 for s in sentences)
     impls = ["batched", "single"] + (["torch"] if has_torch() else [])
     rows = []

@@ -8,7 +8,8 @@
 #      synccheck, initcheck over scripts/sanitize_kernels.py, within SANITIZE_SECONDS, default 150);
 #      each tool's ERROR SUMMARY goes to summary.txt. Without compute-sanitizer the driver runs alone
 #      and the summary says so;
-#   3. the benchmark beside PyTorch on the same GPU while nothing else runs (small-rnn, medium-lstm);
+#   3. the benchmark beside PyTorch on the same GPU while nothing else runs (small-rnn, medium-lstm), then
+#      sentence scoring (scripts/bench_score.py on the corpus's test split: batched, one at a time, PyTorch);
 #   4. the whole test suite with CuPy as the default backend; with --ptb, at the same time, the 2 x 650
 #      tied LSTM (scripts/ptb_medium.toml, the textbook's recipe: SGD lr 20, clip 0.25, lr / 4 when
 #      validation stops improving) trains on Penn Treebank for at most PTB_SECONDS (default 400, less
@@ -46,9 +47,11 @@ corpus="${PTB_CORPUS:-runs/ptb.h5}"
 export PYTHONUNBUFFERED=1
 note() { echo "$*" | tee -a "$summary"; }
 bench_args=(--configs small-rnn,medium-lstm --repeat 1 --iters 200 --warmup 20)
+score_args=(--device cuda)
 tests=(tests)
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
     bench_args=(--configs small-rnn --quick --no-torch)
+    score_args=(--configs small-rnn --quick --device cpu)
     tests=(tests/test_gpu.py)
 fi
 
@@ -82,6 +85,10 @@ timeout 120 python3 scripts/bench.py --backends cupy "${bench_args[@]}" --json "
     | tee "$logs/bench.log"
 bench_rc=${PIPESTATUS[0]}
 grep -E "^(small|medium)" "$logs/bench.log" >>"$summary"
+timeout 150 python3 scripts/bench_score.py --backend cupy --corpus "$corpus" "${score_args[@]}" \
+    --json "$logs/bench_score.json" 2>&1 | tee "$logs/bench_score.log"
+score_rc=${PIPESTATUS[0]}
+grep -E "^(small|medium)" "$logs/bench_score.log" | sed 's/^/score: /' >>"$summary"
 
 if [ "${1:-}" = "--ptb" ]; then
     left=$(( deadline - $(date +%s) - 80 ))  # 80 s kept for scoring, stripping and splitting
@@ -123,5 +130,5 @@ if [ -n "$ptb_pid" ]; then
     note "ptb checkpoint sha256: $(sha256sum "$logs/ptb_medium.weights.h5" | cut -d' ' -f1)"
     split -b 15M -d "$logs/ptb_medium.weights.h5" "$out/ptb_medium.h5.part"
 fi
-note "summary: sanitize rc=$sanitize_rc tests rc=$tests_rc bench rc=$bench_rc ptb rc=$ptb_rc"
-[ "$sanitize_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$ptb_rc" = 0 ]
+note "summary: sanitize rc=$sanitize_rc tests rc=$tests_rc bench rc=$bench_rc score rc=$score_rc ptb rc=$ptb_rc"
+[ "$sanitize_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$score_rc" = 0 ] && [ "$ptb_rc" = 0 ]

@@ -249,7 +249,8 @@ def test_the_gpu_check_script_runs_through_with_the_stand_in(tmp_path):
                   GPU_CHECK_QUICK=1, PTB_SECONDS=20, PTB_CORPUS=corpus, OUT=out,
                   COMPUTE_SANITIZER="")  # the stand-in makes no CUDA call for a sanitizer to watch
     summary = (out / "summary.txt").read_text()
-    assert "summary: sanitize rc=0 tests rc=0 bench rc=0 ptb rc=0" in summary and "capture probe: captured" in summary
+    assert "summary: sanitize rc=0 tests rc=0 bench rc=0 score rc=0 ptb rc=0" in summary
+    assert "capture probe: captured" in summary and "score: small-rnn    batched" in summary
     # no compute-sanitizer here: the driver ran alone, every kernel against NumPy
     assert "sanitizer: none found; the driver alone (rc 0): sanitize_kernels: passed: " in summary
     parts = sorted(out.glob("ptb_medium.h5.part*"))
