@@ -49,7 +49,7 @@ def output_specs(output_layer, tie_weights, cutoffs, div_value):
     if output_layer == "full":
         if cutoffs is not None or div_value is not None:
             raise SpecError("cutoffs and div_value apply only to the adaptive output layer (--output-layer adaptive)")
-        affine = {"type": "affine", "tie_to": "embedding"} if tie_weights else {"type": "affine"}
+        affine = {"type": "tied_affine", "tie_to": "embedding"} if tie_weights else {"type": "affine"}
         return [affine, {"type": "softmax_loss"}]
     if tie_weights:
         raise SpecError("tied weights are not supported with the adaptive output layer (it has no (V, D) "

@@ -13,13 +13,9 @@ import math
 
 import numpy as np
 
-from gpurnn.contract import ParamLayout
-from gpurnn.data.stream import IGNORE
-from gpurnn.errors import SpecError
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, init_matrix, require_input_size
-from gpurnn.ops import (AdaptiveClusters, Workspace, adaptive_log_prob, adaptive_nll, adaptive_softmax_loss,
-                        adaptive_softmax_loss_backward)
+from gpurnn.plugin import (AdaptiveClusters, IGNORE, Layer, ParamLayout, SpecError, Workspace, adaptive_log_prob,
+                           adaptive_nll, adaptive_softmax_loss, adaptive_softmax_loss_backward, hookimpl, init_matrix,
+                           require_input_size)
 
 NAME = "adaptive_softmax_loss"
 
@@ -67,7 +63,6 @@ class AdaptiveSoftmaxWithLoss(Layer):
         if head_bias:
             self.add_param("head_bias", np.zeros(self.clusters.head_size))
             self.param_layout["head_bias"] = ParamLayout("added to h @ head", "head words + clusters")
-        self.n_clusters = len(self.clusters.sizes)
         for k, (d, size) in enumerate(zip(projection_sizes(D, self.n_clusters, div_value), self.clusters.sizes)):
             lo, hi = self.clusters.bounds[k], self.clusters.bounds[k + 1]
             self.add_param(f"proj{k}", init_matrix(ctx.rng, (D, d), init, D, dtype))
@@ -75,9 +70,17 @@ class AdaptiveSoftmaxWithLoss(Layer):
             self.param_layout[f"proj{k}"] = ParamLayout(f"h @ proj{k} @ out{k}: words {lo}..{hi - 1}", "input, projection")
             self.param_layout[f"out{k}"] = ParamLayout(f"h @ proj{k} @ out{k}: words {lo}..{hi - 1}",
                                                        "projection, cluster words")
-        self.logits_per_row = self.clusters.logits_per_row(self.xp)
         self.work = Workspace()
         self.cache = None
+
+    @property
+    def n_clusters(self):
+        return len(self.clusters.sizes)
+
+    @property
+    def logits_per_row(self):
+        """The most scores one row holds at once (evaluation sizes its blocks by it)."""
+        return self.clusters.logits_per_row(self.xp)
 
     def _layout(self, arrays):
         """(head, head bias or None, [(proj_k, out_k), ...]) from params or grads."""

@@ -1,10 +1,10 @@
 """Affine: a dense projection x W + b applied at every time step (B, T, H) -> (B, T, O).
 
-Two classes behind the one layer type ``affine``: `TimeAffine` owns its weight; `TiedAffine`
-(``tie_to="embedding"``, Press & Wolf 2017, Inan et al. 2017) has no weight of its own and uses that
-layer's (V, D) table transposed. The model wires a tied one (`tie`) and, after backward, adds this
-use's gradient to the table's (`add_tied_grads`), so the shared weight is one parameter whose
-gradient is the sum of both uses.
+Two layer types: ``affine`` (`TimeAffine`) owns its weight; ``tied_affine`` (`TiedAffine`, Press &
+Wolf 2017, Inan et al. 2017) has no weight of its own and uses the (V, D) table of the layer named by
+``tie_to`` (default ``"embedding"``) transposed. The model wires a tied one (`tie`) and, after
+backward, adds this use's gradient to the table's (`add_tied_grads`), so the shared weight is one
+parameter whose gradient is the sum of both uses.
 
 The untied affine registers W then b, so in the model's flat buffer they are one (D+1, O) array
 [W; b]; with a column of ones appended to x, [x 1] @ [W; b] adds the bias inside the GEMM and
@@ -13,12 +13,8 @@ The untied affine registers W then b, so in the model's flat buffer they are one
 
 import numpy as np
 
-from gpurnn.contract import ParamLayout
-from gpurnn.errors import SpecError
-from gpurnn.export import LayerExport
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, init_matrix, require_input_size
-from gpurnn.ops import column_sums, for_row_blocks, matmul
+from gpurnn.plugin import (Layer, LayerExport, ParamLayout, SpecError, column_sums, for_row_blocks, hookimpl,
+                           init_matrix, matmul, require_input_size)
 
 
 class TimeAffine(Layer):
@@ -26,18 +22,14 @@ class TimeAffine(Layer):
 
     param_layout = {"W": ParamLayout("x @ W + b", "input, output"), "b": ParamLayout("x @ W + b", "output")}
 
-    def __new__(cls, ctx, output_size=None, init="default", tie_to=None):
-        """``affine`` with ``tie_to`` builds a TiedAffine instead (one layer type for both in the specs)."""
-        if tie_to is not None:
-            return TiedAffine(ctx, output_size, init, tie_to)
-        return super().__new__(cls)
-
     def __init__(self, ctx, output_size=None, init="default", tie_to=None):
         super().__init__(ctx)
-        self.in_size = require_input_size(ctx, "affine")
-        self.output_size = int(output_size or ctx.vocab_size)
-        W = init_matrix(ctx.rng, (self.in_size, self.output_size), init, self.in_size, ctx.backend.dtype)
-        self.Wb = self.xp.asarray(np.vstack([W, np.zeros((1, self.output_size), W.dtype)]), dtype=self.backend.dtype)
+        if tie_to is not None:
+            raise SpecError(f"affine has a weight of its own; an output layer sharing {tie_to!r}'s table is "
+                            f"the layer type 'tied_affine' (type = \"tied_affine\", tie_to = {tie_to!r})")
+        in_size, out_size = require_input_size(ctx, "affine"), int(output_size or ctx.vocab_size)
+        W = init_matrix(ctx.rng, (in_size, out_size), init, in_size, ctx.backend.dtype)
+        self.Wb = self.xp.asarray(np.vstack([W, np.zeros((1, out_size), W.dtype)]), dtype=self.backend.dtype)
         self.adopt_buffers(self.Wb.reshape(-1), self.xp.zeros(self.Wb.size, self.Wb.dtype))
         self.x1 = None
 
@@ -49,10 +41,14 @@ class TimeAffine(Layer):
         self.params = {"W": self.Wb[:-1], "b": self.Wb[-1]}
         self.grads = {"W": self.dWb[:-1], "b": self.dWb[-1]}
 
+    @property
+    def output_size(self):
+        return self.Wb.shape[1]
+
     def forward(self, x):
         """All B*T rows in one GEMM: [x 1] @ [W; b]."""
         x2d = x.reshape(-1, x.shape[-1])
-        self.x1 = self.xp.empty((x2d.shape[0], self.in_size + 1), x2d.dtype)
+        self.x1 = self.xp.empty((x2d.shape[0], x2d.shape[1] + 1), x2d.dtype)
         self.x1[:, :-1] = x2d
         self.x1[:, -1] = 1
         return matmul(self.x1, self.Wb).reshape(*x.shape[:-1], self.output_size)
@@ -69,15 +65,18 @@ class TiedAffine(Layer):
 
     param_layout = {"b": ParamLayout("x @ E.T + b, E the tie_to layer's W (no weight stored here)", "output")}
 
-    def __init__(self, ctx, output_size=None, init="default", tie_to=None):
+    def __init__(self, ctx, tie_to="embedding", output_size=None):
         super().__init__(ctx)
-        self.in_size = require_input_size(ctx, "affine")
-        self.output_size = int(output_size or ctx.vocab_size)
+        self.in_size = require_input_size(ctx, "tied_affine")
         self.tie_to = tie_to
         self.source = None
         self.tied_grad = None
-        self.add_param("b", np.zeros(self.output_size))
+        self.add_param("b", np.zeros(int(output_size or ctx.vocab_size)))
         self.x2d = None
+
+    @property
+    def output_size(self):
+        return self.params["b"].shape[0]
 
     def tie(self, source):
         """Use `source.params["W"]` transposed as the weight; the model calls this once after building."""
@@ -85,15 +84,15 @@ class TiedAffine(Layer):
         needed = (self.output_size, self.in_size)
         if W is None or W.shape != needed:
             found = "no weight W" if W is None else f"W of shape {W.shape}"
-            raise SpecError(f"affine tie_to={self.tie_to!r}: that layer has {found}, tying needs {needed} "
-                            f"(its size must equal the affine's input size)")
+            raise SpecError(f"tied_affine tie_to={self.tie_to!r}: that layer has {found}, tying needs {needed} "
+                            f"(its size must equal the tied affine's input size)")
         self.source = source
         self.tied_grad = self.xp.zeros_like(W)
 
     @property
     def W(self):
         if self.source is None:
-            raise SpecError(f"affine tie_to={self.tie_to!r} is not wired: build it inside a Model")
+            raise SpecError(f"tied_affine tie_to={self.tie_to!r} is not wired: build it inside a Model")
         return self.source.params["W"].T
 
     def forward(self, x):
@@ -121,19 +120,21 @@ class TiedAffine(Layer):
 
 
 def affine_onnx(graph, name, layer, x):
-    """ONNX: MatMul then Add; a tied affine reads the embedding's initializer, transposed (stored once)."""
-    if layer.tie_to is None:
-        W = graph.param(name, "W")
-    else:
-        W = graph.node("Transpose", [graph.param(layer.tie_to, "W")], perm=[1, 0])
+    """ONNX: MatMul then Add."""
+    return graph.node("Add", [graph.node("MatMul", [x, graph.param(name, "W")]), graph.param(name, "b")])
+
+
+def tied_affine_onnx(graph, name, layer, x):
+    """ONNX: MatMul with the tied table's initializer, transposed (stored once), then Add."""
+    W = graph.node("Transpose", [graph.param(layer.tie_to, "W")], perm=[1, 0])
     return graph.node("Add", [graph.node("MatMul", [x, W]), graph.param(name, "b")])
 
 
 @hookimpl
 def gpurnn_layer_types():
-    return {"affine": TimeAffine}
+    return {"affine": TimeAffine, "tied_affine": TiedAffine}
 
 
 @hookimpl
 def gpurnn_layer_exports():
-    return {"affine": LayerExport(affine_onnx)}
+    return {"affine": LayerExport(affine_onnx), "tied_affine": LayerExport(tied_affine_onnx)}

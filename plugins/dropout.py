@@ -8,11 +8,8 @@ backward re-applies the same mask instead of storing it.
 
 import numpy as np
 
-from gpurnn.errors import SpecError
-from gpurnn.export import LayerExport, identity_at_inference
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, require_input_size
-from gpurnn.ops import dropout
+from gpurnn.plugin import (Layer, LayerExport, SpecError, dropout, hookimpl, identity_at_inference,
+                           require_input_size)
 
 
 class TimeDropout(Layer):

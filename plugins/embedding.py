@@ -1,10 +1,6 @@
 """Embedding: token ids (B, T) -> word vectors (B, T, D), a row lookup in a (V, D) table."""
 
-from gpurnn.contract import ParamLayout
-from gpurnn.export import LayerExport
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, init_matrix
-from gpurnn.ops import scatter_add_rows
+from gpurnn.plugin import Layer, LayerExport, ParamLayout, hookimpl, init_matrix, scatter_add_rows
 
 
 class TimeEmbedding(Layer):

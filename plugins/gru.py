@@ -12,11 +12,8 @@ two biases only ever appear summed, so b holds b_ih + b_hh there and b_in for n.
 
 import numpy as np
 
-from gpurnn.export import RecurrentExport
-from gpurnn.hookspecs import hookimpl
-from gpurnn.contract import ParamLayout
-from gpurnn.layers import RecurrentLayer, recurrent_layout
-from gpurnn.ops import column_sums, gru_cell, gru_cell_backward, recurrent_loop, step_matmul
+from gpurnn.plugin import (ParamLayout, RecurrentExport, RecurrentLayer, column_sums, gru_cell, gru_cell_backward,
+                           gru_gates, hookimpl, recurrent_layout, recurrent_loop, step_matmul)
 
 GATES = "r,z,n"  # PyTorch's order; ONNX's is z, r, h (its h is our n)
 
@@ -70,7 +67,7 @@ class TimeGRU(RecurrentLayer):
                     step_matmul(d_hid[t + 1], Wh_T, rec)
                 gru_cell_backward(dhs_tm[t], None if last else rec, None if last else gates[t + 1], gates[t],
                                   recurrent[t], hs[t - 1] if t else h0, dh, d_in[t], d_hid[t])
-        column_sums(d_hid[:, :, 2 * H:].reshape(-1, H), self.grads["bhn"])
+        column_sums(gru_gates(d_hid).n.reshape(-1, H), self.grads["bhn"])
         return self.weight_grads(x_tm, h0, hs, d_in, d_hid)
 
 

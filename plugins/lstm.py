@@ -8,10 +8,8 @@ Gate order i, f, g, o (PyTorch's, so its weights map over without reordering):
 Wx (D, 4H), Wh (H, 4H), b (4H,). PyTorch's two biases b_ih + b_hh are one bias here.
 """
 
-from gpurnn.export import RecurrentExport
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import RecurrentLayer, recurrent_layout
-from gpurnn.ops import lstm_backward_factors, lstm_cell, lstm_cell_backward, recurrent_loop, step_matmul
+from gpurnn.plugin import (RecurrentExport, RecurrentLayer, hookimpl, lstm_backward_factors, lstm_cell,
+                           lstm_cell_backward, recurrent_layout, recurrent_loop, step_matmul)
 
 GATES = "i,f,g,o"  # PyTorch's order; ONNX's is i, o, f, c (its c is our g)
 

@@ -1,9 +1,7 @@
 """The Elman RNN: h_t = tanh(h_{t-1} Wh + x_t Wx + b), stateful across truncated-BPTT blocks."""
 
-from gpurnn.export import RecurrentExport
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import RecurrentLayer, recurrent_layout
-from gpurnn.ops import rnn_cell, rnn_cell_backward, recurrent_loop, step_matmul
+from gpurnn.plugin import (RecurrentExport, RecurrentLayer, hookimpl, recurrent_layout, recurrent_loop, rnn_cell,
+                           rnn_cell_backward, step_matmul)
 
 
 class TimeRNN(RecurrentLayer):

@@ -1,11 +1,7 @@
 """Softmax with cross-entropy loss over all B*T positions (the loss layer of a language model)."""
 
-from gpurnn.data.stream import IGNORE
-from gpurnn.errors import SpecError
-from gpurnn.export import LayerExport, identity_at_inference
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer
-from gpurnn.ops import log_softmax, softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll
+from gpurnn.plugin import (IGNORE, Layer, LayerExport, SpecError, hookimpl, identity_at_inference, log_softmax,
+                           softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll)
 
 
 class TimeSoftmaxWithLoss(Layer):

@@ -157,7 +157,7 @@ def specs(family, size):
     """`family` with dropout before and after it, the output tied to the embedding."""
     return [{"type": "embedding", "size": size}, {"type": "dropout", "p": 0.3},
             {"type": family, "hidden_size": size}, {"type": "dropout", "p": 0.3},
-            {"type": "affine", "tie_to": "embedding"}, {"type": "softmax_loss"}]
+            {"type": "tied_affine", "tie_to": "embedding"}, {"type": "softmax_loss"}]
 
 
 def batches(rng, args):

@@ -98,8 +98,8 @@ def logits(path, ids):
             x = W[ids]
         elif kind in ("rnn", "lstm"):
             x = recurrent(kind, p, x)
-        elif kind == "affine":
-            W = p["W"][0] if "W" in p else params[f"{spec['tie_to']}.W"][0].T
+        elif kind in ("affine", "tied_affine"):
+            W = p["W"][0] if kind == "affine" else params[f"{spec['tie_to']}.W"][0].T
             x = x @ W + p["b"][0]
         elif kind == "softmax_loss":
             return x

@@ -32,7 +32,7 @@ type = "lstm"
 hidden_size = 8
 
 [[layers]]
-type = "affine"
+type = "tied_affine"
 tie_to = "embedding"
 
 [[layers]]
@@ -78,11 +78,11 @@ def test_files_record_version_dtype_layouts_and_no_generator_state(capsys, tmp_p
     with h5py.File(ck, "r") as f:
         assert f.attrs["format_version"] == 2 and f.attrs["dtype"] == "float32"
         assert f.attrs["gpurnn_version"] == "0.1.0"
-        assert "affine.W" not in f["params"]
+        assert "tied_affine.W" not in f["params"]
         wx = dict(f["params/gru.Wx"].attrs)
         assert wx == {"layer_type": "gru", "role": "x_t @ Wx", "axes": "input, 3*hidden", "gates": "r,z,n"}
         assert f["params/gru.bhn"].attrs["axes"] == "hidden"
-        assert "tie_to" in f["params/affine.b"].attrs["role"]
+        assert "tie_to" in f["params/tied_affine.b"].attrs["role"]
         meta = json.loads(f.attrs["meta"])
     assert set(meta["stream"]) == {"split", "tokens", "batch_size", "time_size", "iteration"}
     documented = (Path(__file__).parents[1] / "docs" / "checkpoint-format.md").read_text()

@@ -97,11 +97,11 @@ def tied_model(registry, backend, dropout=0.0, seed=0):
 
 def test_better_rnnlm_layers_and_the_tied_weight_stored_once(registry, np64):
     model = tied_model(registry, np64)
-    assert model.names == ["embedding", "dropout1", "lstm1", "dropout2", "lstm2", "dropout3", "affine",
+    assert model.names == ["embedding", "dropout1", "lstm1", "dropout2", "lstm2", "dropout3", "tied_affine",
                            "softmax_loss"]
-    assert "affine.W" not in model.params and "affine.W" not in model.grads
-    assert {"embedding.W", "affine.b", "lstm1.Wh", "lstm2.Wh"} <= set(model.params)
-    affine = model.layers[model.names.index("affine")]
+    assert "tied_affine.W" not in model.params and "tied_affine.W" not in model.grads
+    assert {"embedding.W", "tied_affine.b", "lstm1.Wh", "lstm2.Wh"} <= set(model.params)
+    affine = model.layers[model.names.index("tied_affine")]
     assert np.shares_memory(affine.W, model.params["embedding.W"])
     assert affine.W.shape == (4, V)
 
@@ -110,10 +110,10 @@ def test_tied_gradient_is_the_sum_of_both_uses(registry, np64, rng):
     """Tied: embedding.W's gradient equals the untied model's embedding.W + affine.W^T gradients."""
     tied = tied_model(registry, np64)
     untied_specs = [dict(s) for s in tied.specs]
-    del untied_specs[-2]["tie_to"]
+    untied_specs[-2] = {"type": "affine"}
     untied = Model(untied_specs, V, np64, registry)
     for k, v in tied.params.items():
-        untied.params[k][...] = v
+        untied.params[k.replace("tied_affine.", "affine.")][...] = v
     untied.params["affine.W"][...] = tied.params["embedding.W"].T
     (xs, ts), = blocks(rng, count=1)
     for model in (tied, untied):
@@ -156,9 +156,19 @@ def test_dropout_changes_training_outputs_but_not_evaluation(registry, np64, rng
 ])
 def test_bad_ties_are_spec_errors(registry, np64, tie_to, sizes, message):
     specs = [{"type": "embedding", **sizes}, {"type": "lstm", "hidden_size": 4},
-             {"type": "affine", "tie_to": tie_to}, {"type": "softmax_loss"}]
+             {"type": "tied_affine", "tie_to": tie_to}, {"type": "softmax_loss"}]
     with pytest.raises(SpecError, match=message):
         Model(specs, V, np64, registry)
+
+
+def test_affine_and_tied_affine_are_two_layer_types_and_affine_names_the_other_when_given_tie_to(registry, np64):
+    """An affine owns its weight; the tied one is its own registered type (its tie_to naming the
+    embedding by default), never a class swapped in behind the name 'affine'."""
+    assert registry.get("affine").cls is not registry.get("tied_affine").cls
+    ctx = LayerContext(np64, np.random.default_rng(0), 4, V)
+    assert registry.build_layer({"type": "tied_affine"}, ctx).tie_to == "embedding"
+    with pytest.raises(SpecError, match="is the layer type 'tied_affine'"):
+        registry.build_layer({"type": "affine", "tie_to": "embedding"}, ctx)
 
 
 def test_preset_with_an_unknown_option_is_a_spec_error():
@@ -168,7 +178,7 @@ def test_preset_with_an_unknown_option_is_a_spec_error():
 
 def test_a_tied_affine_built_outside_a_model_says_it_is_not_wired(registry, np64):
     ctx = LayerContext(np64, np.random.default_rng(0), 4, V)
-    affine = registry.build_layer({"type": "affine", "tie_to": "embedding"}, ctx)
+    affine = registry.build_layer({"type": "tied_affine", "tie_to": "embedding"}, ctx)
     with pytest.raises(SpecError, match="is not wired: build it inside a Model"):
         affine.forward(np.zeros((1, 2, 4)))
 

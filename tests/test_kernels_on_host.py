@@ -343,7 +343,10 @@ def test_every_index_that_can_pass_2_31_is_64_bit():
     it: counts are `long long`, grid-stride indices too, and a product of two `int` sizes or of the
     block index is widened before it is formed."""
     from .kernels_on_host import signature
+    preamble = re.sub(r"//.*", "", kernels.CUDA_PREAMBLE)  # GRID_STRIDE, the one grid-stride loop header
+    assert set(re.findall(r"for \(([\w ]+?) \w+ = blockIdx\.x", preamble)) == {"long long"}
     for name, source in cuda_sources().items():
+        assert "gridDim.x * blockDim.x" not in source, f"{name}: a grid-stride loop is written GRID_STRIDE(i, n)"
         params = signature(source, name)
         ints = {pname for ctype, pname in params if ctype == "int"}
         counts = [ctype for ctype, pname in params if pname in ("n", "count", "workers") and "*" not in ctype]

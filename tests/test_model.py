@@ -100,5 +100,5 @@ def test_print_model_shows_each_layer_its_shapes_and_the_parameter_count(registr
     count = sum(v.size for v in model.params.values())
     assert text.splitlines()[0] == f"Model(8 layers, {count:,} parameters, vocabulary {V}, float64 on numpy)"
     assert "  lstm2         TimeLSTM('lstm', output_size=6, Wx (6, 24), Wh (6, 24), b (24,))  312" in text
-    assert "TiedAffine('affine', output_size=11, tie_to='embedding', b (11,))  11" in text
+    assert "TiedAffine('tied_affine', output_size=11, tie_to='embedding', b (11,))  11" in text
     assert count == 11 * 6 + 2 * (6 * 24 + 6 * 24 + 24) + 11  # the tied table counted once

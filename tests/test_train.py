@@ -215,7 +215,7 @@ def test_resume_with_dropout_is_bit_identical(capsys, tmp_path, small_corpus):
     config = tmp_path / "m.toml"
     config.write_text('[[layers]]\ntype = "embedding"\nsize = 12\n\n[[layers]]\ntype = "dropout"\np = 0.5\n\n'
                       '[[layers]]\ntype = "lstm"\nhidden_size = 12\n\n[[layers]]\ntype = "dropout"\np = 0.5\n\n'
-                      '[[layers]]\ntype = "affine"\ntie_to = "embedding"\n\n[[layers]]\ntype = "softmax_loss"\n')
+                      '[[layers]]\ntype = "tied_affine"\ntie_to = "embedding"\n\n[[layers]]\ntype = "softmax_loss"\n')
     common = ["--backend", "numpy", "train", str(small_corpus), "--quiet", "--model-config", str(config),
               "--batch-size", "4", "--time-size", "5", "--optimizer", "adam", "--lr", "0.01", "--eval-every", "7"]
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
@@ -223,7 +223,7 @@ def test_resume_with_dropout_is_bit_identical(capsys, tmp_path, small_corpus):
     assert run(capsys, *common, "--max-iters", "17", "--checkpoint", str(part))[0] == 0
     assert run(capsys, *common, "--max-iters", "40", "--checkpoint", str(part), "--resume")[0] == 0
     a, b = load_checkpoint(full), load_checkpoint(part)
-    assert "affine.W" not in a.params  # tied: stored once, as the embedding's
+    assert "tied_affine.W" not in a.params and "tied_affine.b" in a.params  # tied: stored once, as the embedding's
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
     assert "generator" not in a.meta  # the masks follow from the seed and the iteration

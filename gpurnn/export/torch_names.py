@@ -33,13 +33,16 @@ def recurrent_exports(registry):
             if isinstance(entry.export, RecurrentExport)}
 
 
+AFFINES = ("affine", "tied_affine")  # RNNModel's decoder, untied or tied to the encoder
+
+
 def parts(model):
     """(name, layer, type) of the embedding, of each recurrent layer and of the affine of a model laid
     out as RNNModel is (dropout layers left out), or an ExportError saying it is not."""
     core = [(name, layer, spec["type"]) for name, layer, spec in zip(model.names, model.layers, model.specs)
             if spec["type"] != "dropout"]
     kinds = [kind for _, _, kind in core]
-    if len(core) < 4 or (kinds[0], kinds[-2], kinds[-1]) != ("embedding", "affine", "softmax_loss"):
+    if len(core) < 4 or (kinds[0], kinds[-1]) != ("embedding", "softmax_loss") or kinds[-2] not in AFFINES:
         raise ExportError(f"the model ({' -> '.join(kinds)}) is not PyTorch's RNNModel, which is an embedding, "
                           f"recurrent layers of one type and size, an affine and softmax_loss, with dropout between")
     return core[0], core[1:-2], core[-2]

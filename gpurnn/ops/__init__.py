@@ -23,8 +23,8 @@ be captured once as a CUDA graph and replayed.
 
 from .adaptive import (AdaptiveClusters, Workspace, adaptive_log_prob, adaptive_nll, adaptive_softmax_loss,
                        adaptive_softmax_loss_backward, log_softmax)
-from .cells import (gru_cell, gru_cell_backward, lstm_backward_factors, lstm_cell, lstm_cell_backward,
-                    rnn_cell, rnn_cell_backward, sigmoid)
+from .cells import (GRUGates, LSTMGates, gru_cell, gru_cell_backward, gru_gates, lstm_backward_factors, lstm_cell,
+                    lstm_cell_backward, lstm_gates, rnn_cell, rnn_cell_backward, sigmoid)
 from .dropout import dropout, dropout_key
 from .embedding import scatter_add_rows
 from .kernels import KERNELS, kernel_source
@@ -34,11 +34,11 @@ from .threads import cpu_threads, for_row_blocks, recurrent_loop, step_matmul, t
 from .updates import adam_update, clip_factor, sgd_update, squared_norm
 
 __all__ = [
-    "AdaptiveClusters", "KERNELS", "Workspace", "adam_update", "adaptive_log_prob", "adaptive_nll",
-    "adaptive_softmax_loss",
-    "adaptive_softmax_loss_backward", "bind_cublas_to_current_stream", "clip_factor", "column_sums",
-    "cpu_threads", "dropout", "dropout_key", "for_row_blocks", "gru_cell", "gru_cell_backward", "kernel_source",
-    "log_softmax", "lstm_backward_factors", "lstm_cell", "lstm_cell_backward", "matmul", "recurrent_loop",
-    "rnn_cell", "rnn_cell_backward", "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy",
-    "softmax_cross_entropy_backward", "softmax_nll", "squared_norm", "step_matmul", "training_threads",
+    "AdaptiveClusters", "GRUGates", "KERNELS", "LSTMGates", "Workspace", "adam_update", "adaptive_log_prob",
+    "adaptive_nll", "adaptive_softmax_loss", "adaptive_softmax_loss_backward", "bind_cublas_to_current_stream",
+    "clip_factor", "column_sums", "cpu_threads", "dropout", "dropout_key", "for_row_blocks", "gru_cell",
+    "gru_cell_backward", "gru_gates", "kernel_source", "log_softmax", "lstm_backward_factors", "lstm_cell",
+    "lstm_cell_backward", "lstm_gates", "matmul", "recurrent_loop", "rnn_cell", "rnn_cell_backward",
+    "scatter_add_rows", "sgd_update", "sigmoid", "softmax_cross_entropy", "softmax_cross_entropy_backward",
+    "softmax_nll", "squared_norm", "step_matmul", "training_threads",
 ]

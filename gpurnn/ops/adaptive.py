@@ -43,7 +43,7 @@ KERNELS["adaptive_targets"] = r"""
 // or ignore when the word is not in cluster k.
 extern "C" __global__ void adaptive_targets(const int* t, int ignore, const int* bounds, int clusters,
                                             int* head_t, int* tail_t, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, n) {
         int target = t[i], cluster = -1;
         if (target != ignore)
             for (int k = 0; k < clusters; ++k) if (target >= bounds[k]) cluster = k;

@@ -4,10 +4,47 @@ Each cell's forward and backward step is written twice, side by side: NumPy arra
 place on the step's rows, and one CUDA kernel doing the same for all (row, unit) pairs in one launch.
 """
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from ..backend import array_module
 from .kernels import KERNELS, launch
+
+Array = Any  # a numpy.ndarray or cupy.ndarray
+
+
+class LSTMGates(NamedTuple):
+    """The LSTM's four H-wide gate blocks of a (..., 4H) array, as views, in PyTorch's order."""
+
+    i: Array  # input gate
+    f: Array  # forget gate
+    g: Array  # candidate (tanh)
+    o: Array  # output gate
+
+
+class GRUGates(NamedTuple):
+    """The GRU's three H-wide gate blocks of a (..., 3H) array, as views, in PyTorch's order."""
+
+    r: Array  # reset gate
+    z: Array  # update gate
+    n: Array  # candidate (tanh)
+
+
+def gate_blocks(a, count):
+    """Views of the `count` equal blocks along the last axis of `a` (writing to one writes to `a`)."""
+    H = a.shape[-1] // count
+    return [a[..., k * H:(k + 1) * H] for k in range(count)]
+
+
+def lstm_gates(a) -> LSTMGates:
+    """Named views i, f, g, o of an LSTM gate array (..., 4H): ``lstm_gates(a).f`` is the forget gate."""
+    return LSTMGates(*gate_blocks(a, 4))
+
+
+def gru_gates(a) -> GRUGates:
+    """Named views r, z, n of a GRU gate array (..., 3H): ``gru_gates(a).n`` is the candidate."""
+    return GRUGates(*gate_blocks(a, 3))
 
 
 def sigmoid(x, out):
@@ -23,7 +60,7 @@ def sigmoid(x, out):
 KERNELS["rnn_cell"] = r"""
 // a = tanh(a + r): the Elman step, a = x Wx + b and r = h_{t-1} Wh.
 extern "C" __global__ void rnn_cell(T* a, const T* r, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    GRID_STRIDE(i, n)
         a[i] = tanh(a[i] + r[i]);
 }
 """
@@ -44,7 +81,7 @@ KERNELS["rnn_cell_backward"] = r"""
 // dt = (dh + rec) * (1 - h^2), rec = dt_{t+1} Wh^T (absent at the block's last step).
 extern "C" __global__ void rnn_cell_backward(const T* dh, const T* rec, int has_rec, const T* h, T* dt,
                                              long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, n) {
         T d = dh[i] + (has_rec ? rec[i] : T(0));
         dt[i] = d * (T(1) - h[i] * h[i]);
     }
@@ -68,7 +105,7 @@ KERNELS["lstm_cell"] = r"""
 // One LSTM step for (b, j): gates i, f, g, o from a + r (4H-wide rows), stored activated in a;
 // c = f * c_prev + i * g and h = o * tanh(c).
 extern "C" __global__ void lstm_cell(T* a, const T* r, const T* c_prev, T* c, T* h, int B, int H) {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < (long long)B * H; k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, (long long)B * H) {
         long long row = (k / H) * 4 * H, j = k % H;
         T i = sigmoid_(a[row + j] + r[row + j]);
         T f = sigmoid_(a[row + H + j] + r[row + H + j]);
@@ -87,12 +124,12 @@ def lstm_cell(a, r, c_prev, c, h):
     """One LSTM step: a (B, 4H) += r, then gates i, f, g, o activated in place, c and h written."""
     xp = array_module(a)
     if xp is np:
-        H = h.shape[1]
         a += r
-        sigmoid(a[:, :2 * H], out=a[:, :2 * H])
-        np.tanh(a[:, 2 * H:3 * H], out=a[:, 2 * H:3 * H])
-        sigmoid(a[:, 3 * H:], out=a[:, 3 * H:])
-        i, f, g, o = np.split(a, 4, axis=1)
+        i, f, g, o = lstm_gates(a)
+        sigmoid(i, out=i)
+        sigmoid(f, out=f)
+        np.tanh(g, out=g)
+        sigmoid(o, out=o)
         np.multiply(f, c_prev, out=c)
         c += i * g
         np.tanh(c, out=h)
@@ -109,7 +146,7 @@ KERNELS["lstm_backward_factors"] = r"""
 extern "C" __global__ void lstm_backward_factors(const T* gates, const T* cs, const T* c0, T* das,
                                                  T* dc_from_dh, int steps, int B, int H) {
     long long bh = (long long)B * H;
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < steps * bh; k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, steps * bh) {
         long long t = k / bh, row = (k / H) * 4 * H, j = k % H;
         T i = gates[row + j], f = gates[row + H + j], g = gates[row + 2 * H + j], o = gates[row + 3 * H + j];
         T tc = tanh(cs[k]);
@@ -131,9 +168,8 @@ def lstm_backward_factors(gates, cs, c0, das, dc_from_dh):
     """
     xp = array_module(gates)
     if xp is np:
-        H = cs.shape[2]
-        i, f, g, o = (gates[:, :, k * H:(k + 1) * H] for k in range(4))
-        di, df, dg, do = (das[:, :, k * H:(k + 1) * H] for k in range(4))
+        i, f, g, o = lstm_gates(gates)
+        di, df, dg, do = lstm_gates(das)
         tanh_c = np.tanh(cs)
         np.multiply(o, 1 - tanh_c * tanh_c, out=dc_from_dh)
         np.multiply(g, i * (1 - i), out=di)
@@ -153,7 +189,7 @@ KERNELS["lstm_cell_backward"] = r"""
 // (i, f, g by dc; o by dh). rec = das_{t+1} Wh^T and f_{t+1} are absent at the block's last step.
 extern "C" __global__ void lstm_cell_backward(const T* dhs_t, const T* rec, const T* gates_next, int has_next,
                                               const T* dc_from_dh, T* dc, T* das, int B, int H) {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < (long long)B * H; k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, (long long)B * H) {
         long long row = (k / H) * 4 * H, j = k % H;
         T dh = dhs_t[k] + (has_next ? rec[row / 4 + j] : T(0));
         T dcv = (has_next ? dc[k] * gates_next[row + H + j] : T(0)) + dh * dc_from_dh[k];
@@ -178,11 +214,13 @@ def lstm_cell_backward(dhs_t, rec, gates_next, dc_from_dh, dc, das_t):
         if gates_next is None:
             np.multiply(dh, dc_from_dh, out=dc)
         else:
-            dc *= gates_next[:, H:2 * H]
+            dc *= lstm_gates(gates_next).f
             dc += dh * dc_from_dh
-        blocks = das_t.reshape(B, 4, H)
-        blocks[:, :3] *= dc[:, None, :]
-        blocks[:, 3] *= dh
+        di, df, dg, do = lstm_gates(das_t)
+        di *= dc
+        df *= dc
+        dg *= dc
+        do *= dh
         return
     has_next = rec is not None
     launch("lstm_cell_backward", dc.dtype, B * H,
@@ -194,7 +232,7 @@ KERNELS["gru_cell"] = r"""
 // One GRU step for (b, j), gates r, z, n (3H-wide rows): ah = h_{t-1} Wh; its n part gets bhn
 // (kept for backward); r, z, n stored activated in a; h = n + z * (h_prev - n).
 extern "C" __global__ void gru_cell(T* a, T* ah, const T* bhn, const T* h_prev, T* h, int B, int H) {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < (long long)B * H; k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, (long long)B * H) {
         long long row = (k / H) * 3 * H, j = k % H;
         T ahn = ah[row + 2 * H + j] + bhn[j];
         ah[row + 2 * H + j] = ahn;
@@ -213,12 +251,14 @@ def gru_cell(a, ah, bhn, h_prev, h):
     xp = array_module(a)
     B, H = h.shape
     if xp is np:
-        ah[:, 2 * H:] += bhn
-        rz = a[:, :2 * H]
-        rz += ah[:, :2 * H]
-        sigmoid(rz, out=rz)
-        r, z, n = np.split(a, 3, axis=1)
-        n += r * ah[:, 2 * H:]
+        r, z, n = gru_gates(a)
+        ah_r, ah_z, ah_n = gru_gates(ah)
+        ah_n += bhn
+        r += ah_r
+        z += ah_z
+        sigmoid(r, out=r)
+        sigmoid(z, out=z)
+        n += r * ah_n
         np.tanh(n, out=n)
         np.subtract(h_prev, n, out=h)  # h = n + z * (h_prev - n)
         h *= z
@@ -234,7 +274,7 @@ KERNELS["gru_cell_backward"] = r"""
 extern "C" __global__ void gru_cell_backward(const T* dhs_t, const T* rec, const T* gates_next, int has_next,
                                              const T* gates, const T* ah, const T* h_prev, T* dh,
                                              T* d_in, T* d_hid, int B, int H) {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < (long long)B * H; k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, (long long)B * H) {
         long long row = (k / H) * 3 * H, j = k % H;
         T d = dhs_t[k] + (has_next ? dh[k] * gates_next[row + H + j] + rec[row / 3 + j] : T(0));
         dh[k] = d;
@@ -260,19 +300,21 @@ def gru_cell_backward(dhs_t, rec, gates_next, gates, ah, h_prev, dh, d_in, d_hid
         if rec is None:
             np.copyto(dh, dhs_t)
         else:
-            dh *= gates_next[:, H:2 * H]
+            dh *= gru_gates(gates_next).z
             dh += rec
             dh += dhs_t
-        r, z, n = np.split(gates, 3, axis=1)
-        dr, dz, dn = np.split(d_in, 3, axis=1)
+        r, z, n = gru_gates(gates)
+        dr, dz, dn = gru_gates(d_in)
+        hid_r, hid_z, hid_n = gru_gates(d_hid)
         np.multiply(dh, h_prev - n, out=dz)
         dz *= z * (1 - z)
         np.multiply(dh, 1 - z, out=dn)
         dn *= 1 - n * n
-        np.multiply(dn, ah[:, 2 * H:], out=dr)
+        np.multiply(dn, gru_gates(ah).n, out=dr)
         dr *= r * (1 - r)
-        d_hid[:, :2 * H] = d_in[:, :2 * H]
-        np.multiply(dn, r, out=d_hid[:, 2 * H:])
+        hid_r[...] = dr
+        hid_z[...] = dz
+        np.multiply(dn, r, out=hid_n)
         return
     has_next = rec is not None
     launch("gru_cell_backward", dh.dtype, B * H,

@@ -15,7 +15,7 @@ extern "C" __global__ void dropout(const T* x, T* out, const unsigned int* step,
                                    unsigned int layer, unsigned int threshold, T scale, long long offset,
                                    long long n) {
     unsigned int key = mix32(mix32(mix32(seed + 0x9e3779b9U) ^ (step[0] + 0x85ebca6bU)) ^ (layer + 0xc2b2ae35U));
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, n) {
         unsigned int u = mix32(key ^ mix32((unsigned int)(i + offset) + 0x27d4eb2fU));
         out[i] = (u >> 8) >= threshold ? x[i] * scale : T(0);
     }

@@ -22,8 +22,7 @@ KERNELS["radix_count"] = r"""
 // into its own column w of hist (digit-major: hist[digit * workers + w]).
 extern "C" __global__ void radix_count(const int* ids, const int* order, int first, int shift, long long n,
                                        long long chunk, long long workers, int* hist) {
-    for (long long w = blockIdx.x * (long long)blockDim.x + threadIdx.x; w < workers;
-         w += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(w, workers) {
         for (long long d = 0; d < 256; ++d) hist[d * workers + w] = 0;
         for (long long i = w * chunk; i < n && i < (w + 1) * chunk; ++i) {
             unsigned int digit = ((unsigned int)ids[first ? i : order[i]] >> shift) & 255u;
@@ -59,8 +58,7 @@ KERNELS["radix_scatter"] = r"""
 // positions with equal digits keep their order, so the sort is stable.
 extern "C" __global__ void radix_scatter(const int* ids, const int* order, int first, int shift, long long n,
                                          long long chunk, long long workers, int* hist, int* sorted) {
-    for (long long w = blockIdx.x * (long long)blockDim.x + threadIdx.x; w < workers;
-         w += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(w, workers) {
         for (long long i = w * chunk; i < n && i < (w + 1) * chunk; ++i) {
             int position = first ? (int)i : order[i];
             unsigned int digit = ((unsigned int)ids[position] >> shift) & 255u;
@@ -75,8 +73,7 @@ KERNELS["add_sorted_rows"] = r"""
 // an id outside [0, V) has no row there and is skipped (the data layer refuses such ids earlier).
 extern "C" __global__ void add_sorted_rows(const int* ids, const int* order, const T* rows, T* target,
                                            long long n, int D, int V) {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n * D;
-         k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, n * D) {
         long long r = k / D, j = k % D;
         int id = ids[order[r]];
         if ((r > 0 && ids[order[r - 1]] == id) || id < 0 || id >= V) continue;

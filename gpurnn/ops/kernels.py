@@ -9,6 +9,11 @@ import numpy as np
 
 THREADS = 256
 CUDA_PREAMBLE = r"""
+// GRID_STRIDE(i, n) { ... }: the body for every i in [0, n), spread over the whole grid (thread t of
+// the grid takes t, t + the grid's thread count, ...), so any grid size covers any n; i is 64-bit.
+#define GRID_STRIDE(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)gridDim.x * blockDim.x)
 __device__ __forceinline__ T sigmoid_(T x) { return T(0.5) * (T(1) + tanh(T(0.5) * x)); }
 __device__ __forceinline__ unsigned int mix32(unsigned int x) {   // a 32-bit integer hash
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16; return x;

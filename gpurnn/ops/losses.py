@@ -71,7 +71,7 @@ KERNELS["softmax_backward"] = r"""
 // whose target is outside [0, V) (as their loss).
 extern "C" __global__ void softmax_backward(const T* x, const int* t, int ignore, const T* lse, const T* count,
                                             T dout, T* dx, long long n, int V) {
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, n) {
         long long r = k / V;
         int target = t[r];
         T g = target == ignore ? T(0) : target >= 0 && target < V ? exp(x[k] - lse[r]) - T((k % V) == target)

@@ -21,7 +21,7 @@ KERNELS["sum_squares_blocks"] = r"""
 extern "C" __global__ void sum_squares_blocks(const T* g, long long n, T* partial) {
     __shared__ T part[256];
     T s = 0;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    GRID_STRIDE(i, n)
         s += g[i] * g[i];
     part[threadIdx.x] = s;
     __syncthreads();
@@ -91,7 +91,7 @@ KERNELS["sgd_update"] = r"""
 extern "C" __global__ void sgd_update(T* p, const T* g, const T* sumsq, T max_norm, const T* lr, long long n) {
     T scale = max_norm > 0 ? min(T(1), max_norm / (sqrt(sumsq[0]) + T(1e-6))) : T(1);
     T coef = lr[0] * scale;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    GRID_STRIDE(i, n)
         p[i] -= coef * g[i];
 }
 """
@@ -131,7 +131,7 @@ extern "C" __global__ void adam_update(T* p, const T* grad, T* m, T* v, const T*
                                        const T* lr_t, T b1, T b2, T eps, long long n) {
     T scale = max_norm > 0 ? min(T(1), max_norm / (sqrt(sumsq[0]) + T(1e-6))) : T(1);
     T step = lr_t[0];
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, n) {
         T g = grad[i] * scale;
         T mi = m[i] + (T(1) - b1) * (g - m[i]);
         T vi = v[i] + (T(1) - b2) * (g * g - v[i]);

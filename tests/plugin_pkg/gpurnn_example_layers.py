@@ -2,10 +2,8 @@
 
 import numpy as np
 
-from gpurnn.contract import ParamLayout
-from gpurnn.export import LayerExport, RecurrentExport
-from gpurnn.hookspecs import hookimpl
-from gpurnn.layers import Layer, RecurrentLayer, init_matrix, recurrent_layout, require_input_size
+from gpurnn.plugin import (Layer, LayerExport, ParamLayout, RecurrentExport, RecurrentLayer, hookimpl, init_matrix,
+                           recurrent_layout, require_input_size)
 
 
 class ReluRNN(RecurrentLayer):
