@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One epoch of full Penn Treebank each way on the CPU: the README's LSTM recipe with the full softmax
+# One epoch of full Penn Treebank each way on the CPU: the LSTM recipe of docs/results.md with the full softmax
 # (scripts/ptb_lstm.toml, output tied to the embedding) and with the adaptive softmax
 # (scripts/ptb_lstm_adaptive.toml: cutoffs 2000, 6000, div_value 4, untied). Adam lr 1e-3, gradient
 # norm clipped to 0.5, B = 20, T = 35, as scripts/train_ptb.sh trains; validation at the end of the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's PTB results: `rnn` (model scripts/ptb_rnn.toml) or `lstm` (model
+# The PTB results of docs/results.md: `rnn` (model scripts/ptb_rnn.toml) or `lstm` (model
 # scripts/ptb_lstm.toml), trained on full Penn Treebank with Adam from lr 1e-3, divided by 4 whenever a
 # validation perplexity does not improve on the best so far, then scored on valid and test with
 # --batch-size 1 (one exact left-to-right pass). A checkpoint is written every 200 iterations: run the

@@ -86,7 +86,7 @@ def import_torch(state, output, registry, vocab=None):
     tensors, metadata = read_safetensors(state)
     if RNN_MODEL not in metadata:
         raise ExportError(f"{state} has no {RNN_MODEL!r} metadata (RNNModel's constructor arguments as JSON); "
-                          f"see 'PyTorch' in gpurnn's README for how to write it")
+                          f"see 'PyTorch' in gpurnn's docs/export.md for how to write it")
     args = checked_args(json_metadata(metadata, RNN_MODEL, state), registry, state)
     tokens, level = vocabulary(vocab, metadata, state)
     if args["ntoken"] != len(tokens):
