@@ -53,7 +53,7 @@ class AdaptiveSoftmaxWithLoss(Layer):
         check_cutoffs(cutoffs, ctx.vocab_size)
         if not isinstance(head_bias, bool):
             raise SpecError(f"{NAME}: head_bias must be true or false, not {head_bias!r}")
-        D = self.input_size = require_input_size(ctx, NAME)
+        D = require_input_size(ctx, NAME)
         self.clusters = AdaptiveClusters(cutoffs, ctx.vocab_size, self.xp)
         self.ignore_index = ignore_index
         dtype = ctx.backend.dtype  # every table drawn straight into the layer's dtype, as the guide says
@@ -72,6 +72,11 @@ class AdaptiveSoftmaxWithLoss(Layer):
                                                        "projection, cluster words")
         self.work = Workspace()
         self.cache = None
+
+    @property
+    def input_size(self):
+        """The feature size it reads (the head's rows): it scores features, not logits."""
+        return self.params["head"].shape[0]
 
     @property
     def n_clusters(self):

@@ -11,10 +11,13 @@ class TimeEmbedding(Layer):
 
     def __init__(self, ctx, size=100, init="normal:0.01"):
         super().__init__(ctx)
-        self.output_size = int(size)
-        W = init_matrix(ctx.rng, (ctx.vocab_size, self.output_size), init, ctx.vocab_size, ctx.backend.dtype)
+        W = init_matrix(ctx.rng, (ctx.vocab_size, int(size)), init, ctx.vocab_size, ctx.backend.dtype)
         self.add_param("W", W)
         self.ids = None
+
+    @property
+    def output_size(self):
+        return self.params["W"].shape[1]
 
     def forward(self, ids):
         self.ids = ids
