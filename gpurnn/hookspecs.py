@@ -1,6 +1,7 @@
 """The hooks a gpurnn plugin may implement (pluggy project name: ``gpurnn``).
 
-A plugin is a module with functions decorated by `hookimpl`. It becomes known to gpurnn through the
+A plugin is a module with functions decorated by `hookimpl` (which it imports, with all else it needs
+from gpurnn, from `gpurnn.plugin`). It becomes known to gpurnn through the
 ``gpurnn`` entry-point group of its distribution, through ``--plugin MODULE`` on the command line, or
 through ``GPURNN_PLUGINS=module1,module2``. The built-in layers are plugins of exactly this kind.
 """
@@ -43,7 +44,7 @@ def gpurnn_layer_types() -> Mapping[str, type[LayerContract]]:
 
     Any plugin module or installed distribution may implement it::
 
-        from gpurnn.hookspecs import hookimpl
+        from gpurnn.plugin import hookimpl
 
         @hookimpl
         def gpurnn_layer_types():
@@ -73,8 +74,7 @@ def gpurnn_layer_exports() -> Mapping[str, object]:
 
     ::
 
-        from gpurnn.export import LayerExport
-        from gpurnn.hookspecs import hookimpl
+        from gpurnn.plugin import LayerExport, hookimpl
 
         def scaled_tanh_onnx(graph, name, layer, x):
             return graph.node("Tanh", [graph.node("Mul", [x, graph.param(name, "scale")])])

@@ -1,6 +1,6 @@
 """What every layer shares: the context it is built in, its base class, and parameter initialisers.
 
-Plugins import from here (and from `gpurnn.backend`); nothing here knows any concrete layer.
+Plugins import these through `gpurnn.plugin`; nothing here knows any concrete layer.
 """
 
 from dataclasses import dataclass
