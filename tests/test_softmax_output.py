@@ -2,6 +2,7 @@
 softmax_loss (values, gradients, training steps with dropout, tying, both dtypes, ignored targets),
 no N x V array while it trains, checkpoints, and the exports."""
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -18,6 +19,7 @@ from gpurnn.testing import check_layer, check_model_gradients
 from gpurnn.train.optim import Adam
 
 from .exportkit import EMBEDDING, gpurnn_model, random_checkpoint, tiny_corpus
+from .faultkit import cli
 
 V = 11
 FUSED = "affine_softmax_loss"
@@ -163,13 +165,17 @@ def unfused_twin(model, registry):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_a_checkpoint_loads_and_scores_as_the_unfused_model(trained, registry, tie):
+def test_a_checkpoint_loads_scores_as_the_unfused_model_and_samples(trained, registry, tie):
     corpus, cks = trained
     model = gpurnn_model(cks[tie])
     assert model.specs[-1]["type"] == FUSED and ("affine_softmax_loss.W" in model.params) != tie
     twin = unfused_twin(model, registry)
     xs, ts = block(np.random.default_rng(4), 2, 5)
     assert float(model.forward(xs, ts)) == pytest.approx(float(twin.forward(xs, ts)), rel=1e-5)
+    code, out, err = cli("eval", cks[tie], corpus, "--json")
+    assert code == 0 and np.isfinite(json.loads(out)["perplexity"]), err
+    code, out, err = cli("generate", cks[tie], "--length", 8, "--seed", 2)  # sampling reads log_prob
+    assert code == 0 and out.split(), err
 
 
 @pytest.mark.parametrize("tie", [False, True])
