@@ -7,7 +7,7 @@ last features (B, T, D), not logits: the N x V logits never exist, only one chun
 `gpurnn.ops.output`). In training its forward already turns each chunk's gradient into dx, dW and
 db (for dout = 1), so backward only scales them by dout; no logits are kept or recomputed.
 
-Chunk rows: by default the chunk's logits fill half the largest cache (`gpurnn.ops.output.chunk_rows`,
+Chunk rows: by default the chunk's logits fill half the largest cache (`gpurnn.ops.output.default_chunk_rows`,
 the CPU's last level or the GPU's L2), in multiples of 32 rows; ``chunk_rows`` sets them.
 """
 
@@ -20,7 +20,7 @@ from gpurnn.export import LayerExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix, require_input_size
 from gpurnn.ops.adaptive import Workspace
-from gpurnn.ops.output import chunk_rows, output_log_prob, output_loss
+from gpurnn.ops.output import default_chunk_rows, output_log_prob, output_loss
 
 NAME = "affine_softmax_loss"
 
@@ -39,7 +39,7 @@ class AffineSoftmaxWithLoss(Layer):
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                        or chunk_rows < 1):
             raise SpecError(f"{NAME}: chunk_rows must be a positive integer, not {chunk_rows!r}")
-        self.rows = chunk_rows
+        self.rows = chunk_rows or default_chunk_rows(V, ctx.backend.dtype, self.xp)
         self.tie_to, self.source, self.tied_grad = tie_to, None, None
         self.ignore_index = ignore_index
         self.param_layout = {"b": ParamLayout("x @ W + b", "output")}
@@ -72,8 +72,8 @@ class AffineSoftmaxWithLoss(Layer):
         return self.source.params["W"].T, self.tied_grad.T
 
     def chunk_size(self, n):
-        """Rows per chunk for a block of n rows: `chunk_rows`, or the cache rule."""
-        return min(n, self.rows or chunk_rows(self.output_size, self.backend.dtype, self.xp))
+        """Rows per chunk for a block of n rows: `chunk_rows`, or the cache rule's (read once, when built)."""
+        return min(n, self.rows)
 
     def forward(self, x, t):
         """Mean loss over the scored targets, a 0-d array; in training also the gradients for dout = 1."""

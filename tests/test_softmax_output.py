@@ -14,7 +14,7 @@ from gpurnn.errors import SpecError
 from gpurnn.export.torch_names import torch_tensors
 from gpurnn.layers import LayerContext
 from gpurnn.model import Model
-from gpurnn.ops.output import chunk_rows, chunks
+from gpurnn.ops.output import chunks, default_chunk_rows
 from gpurnn.testing import check_layer, check_model_gradients
 from gpurnn.train.optim import Adam
 
@@ -127,11 +127,14 @@ def test_the_chunk_rule_fills_half_the_cache_in_whole_row_blocks_and_can_be_set(
     import gpurnn.ops.output as output
 
     monkeypatch.setattr(output, "cache_bytes", lambda xp: 32 << 20)
-    assert chunk_rows(10000, np.float32, np) == 416  # 16 MiB / 40,000 bytes = 419 rows, in blocks of 32
-    assert chunk_rows(10 ** 7, np.float64, np) == 32  # at least one block of rows
+    assert default_chunk_rows(10000, np.float32, np) == 416  # 16 MiB / 40,000 bytes = 419 rows, in blocks of 32
+    assert default_chunk_rows(10 ** 7, np.float64, np) == 32  # at least one block of rows
     assert chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
     layer = registry.build_layer({"type": FUSED, "chunk_rows": 7}, LayerContext(np64, np.random.default_rng(0), 3, V))
     assert layer.chunk_size(100) == 7 and layer.chunk_size(5) == 5
+    built = registry.build_layer({"type": FUSED}, LayerContext(get_backend("numpy", dtype="float32"),
+                                                               np.random.default_rng(0), 3, 10000))
+    assert built.chunk_size(10 ** 6) == 416
     for bad in (0, -3, 2.5, True, "8"):
         with pytest.raises(SpecError, match="chunk_rows must be a positive integer"):
             registry.build_layer({"type": FUSED, "chunk_rows": bad}, LayerContext(np64, np.random.default_rng(0), 3, V))

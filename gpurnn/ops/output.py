@@ -44,7 +44,7 @@ def _size(text):
     return int(text.rstrip("KM")) * scale
 
 
-def chunk_rows(vocab_size, dtype, xp):
+def default_chunk_rows(vocab_size, dtype, xp):
     """Rows per chunk: the logits of a chunk fill at most half the cache (the other half keeps the
     features and the weight's panel the GEMM streams), in whole blocks of ROW_BLOCK rows, at least one."""
     rows = cache_bytes(xp) // 2 // (vocab_size * np.dtype(dtype).itemsize)
