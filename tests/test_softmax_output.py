@@ -3,7 +3,10 @@ softmax_loss (values, gradients, training steps with dropout, tying, both dtypes
 no N x V array while it trains, checkpoints, and the exports."""
 
 import json
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +198,9 @@ def test_exports_give_the_unfused_models_logits_and_pytorch_names(trained, regis
     assert args == twin_args and args["tie_weights"] == tie and list(ours) == list(theirs)
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_the_output_benchmark_runs_in_quick_mode():
+    script = Path(__file__).parents[1] / "scripts" / "bench_output.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "tiny" in done.stdout, done.stderr
