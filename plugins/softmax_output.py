@@ -20,7 +20,7 @@ from gpurnn.export import LayerExport
 from gpurnn.hookspecs import hookimpl
 from gpurnn.layers import Layer, init_matrix, require_input_size
 from gpurnn.ops.adaptive import Workspace
-from gpurnn.ops.output import default_chunk_rows, output_log_prob, output_loss
+from gpurnn.ops.output import default_chunk_rows, output_log_prob, output_loss, output_nll
 
 NAME = "affine_softmax_loss"
 
@@ -103,6 +103,14 @@ class AffineSoftmaxWithLoss(Layer):
             for g in grads:
                 g *= dout
         return grads[0].reshape(self.shape)
+
+    def target_log_prob(self, x, t):
+        """log P(t | x) per position (B, T), 0 where t is the ignore index, chunk by chunk (for scoring)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        W, _ = self._weight()
+        nll = output_nll(x2, t.reshape(-1), W, self.params["b"], self.ignore_index, self.chunk_size(x2.shape[0]),
+                         self.work)
+        return -nll.reshape(t.shape)
 
     def log_prob(self, x):
         """The normalised log-distribution (B, T, V) of features x: log softmax of x W + b, chunk by chunk."""

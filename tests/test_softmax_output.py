@@ -1,5 +1,6 @@
 """The fused output layer `affine_softmax_loss`: the contract, the same numbers as affine +
-softmax_loss (values, gradients, training steps with dropout, tying, both dtypes, ignored targets),
+softmax_loss (values, gradients, training steps with dropout, tying, both dtypes, ignored targets,
+log_prob and the per-position log-probabilities that scoring reads),
 no N x V array while it trains, checkpoints, and the exports."""
 
 import json
@@ -84,8 +85,11 @@ def test_training_steps_with_dropout_equal_affine_and_softmax_loss(registry, tie
         np.testing.assert_allclose(models[1].flat_params, models[0].flat_params, rtol=tol, atol=tol)
     for model in models:
         model.eval()
-    xs, _ = block(rng)
+    xs, ts = block(rng)
     np.testing.assert_allclose(models[1].log_prob(xs), models[0].log_prob(xs), rtol=0, atol=tol * 10)
+    scored = [model.target_log_prob(xs, ts) for model in models]  # for scoring: no B x T x V array
+    np.testing.assert_allclose(scored[1], scored[0], rtol=0, atol=tol * 10)
+    assert scored[1][0, 2] == 0 and np.all(scored[1][1, :3] == 0) and np.all(scored[1][2] < 0)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -204,3 +208,22 @@ def test_the_output_benchmark_runs_in_quick_mode():
     script = Path(__file__).parents[1] / "scripts" / "bench_output.py"
     done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "tiny" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_sentences_score_as_one_at_a_time_through_the_full_distribution(registry, dtype, rtol):
+    """Batched scoring reads target_log_prob (chunks of 7 rows); one sentence at a time reads log_prob."""
+    from gpurnn.score import score_sentences
+
+    from .test_score import one_at_a_time, random_sentences, vocab_of
+
+    vocab = vocab_of("word")
+    body = [{"type": "embedding", "size": 8}, {"type": "lstm", "hidden_size": 8}]
+    model = Model(body + [{"type": FUSED, "tie_to": "embedding", "chunk_rows": 7}], len(vocab),
+                  get_backend("numpy", dtype=dtype), registry, seed=3)
+    rng = np.random.default_rng(3)
+    for value in model.params.values():
+        value[...] = rng.normal(0, 0.5, value.shape)
+    sentences = random_sentences("word", rng.permutation(np.arange(1, 41)))
+    for text, score in zip(sentences, score_sentences(model.eval(), vocab, sentences, "word", batch_size=8)):
+        np.testing.assert_allclose(score.log_probs, one_at_a_time(model, vocab, text, "word"), rtol=rtol, atol=0)

@@ -21,7 +21,7 @@ from ..backend import array_module
 from .adaptive import head_logits, log_softmax
 from .kernels import dtype_scalar, grid_blocks, launch
 from .linear import column_sums, matmul
-from .losses import softmax_cross_entropy, softmax_cross_entropy_backward
+from .losses import softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll
 from .threads import ROW_BLOCK
 
 DEFAULT_CACHE_BYTES = 32 << 20  # where the machine does not say: a server CPU's L3, a data-centre GPU's L2
@@ -123,3 +123,13 @@ def output_log_prob(x2, W, b, rows):
     for lo, hi in chunks(x2.shape[0], rows):
         out[lo:hi] = log_softmax(head_logits(x2[lo:hi], W, b))
     return out
+
+
+def output_nll(x2, t, W, b, ignore, rows, work):
+    """Each row's -log softmax(x2 @ W + b)[t] (N,), 0 where t is `ignore`, `rows` rows at a time."""
+    xp = array_module(x2)
+    nll = xp.empty(x2.shape[0], x2.dtype)
+    z = work.get(xp, "logits", (min(rows, x2.shape[0]), W.shape[1]), x2.dtype)
+    for lo, hi in chunks(x2.shape[0], rows):
+        nll[lo:hi] = softmax_nll(head_logits(x2[lo:hi], W, b, out=z[:hi - lo]), t[lo:hi], ignore)
+    return nll
