@@ -72,8 +72,10 @@ class AffineSoftmaxWithLoss(Layer):
         return self.source.params["W"].T, self.tied_grad.T
 
     def chunk_size(self, n):
-        """Rows per chunk for a block of n rows: `chunk_rows`, or the cache rule's (read once, when built)."""
-        return min(n, self.rows)
+        """Rows per chunk for a block of n rows: at most `chunk_rows` (or the cache rule's, read once when
+        built), spread evenly over the chunks that takes (700 rows at most 416 a chunk: two of 350)."""
+        n = max(n, 1)
+        return -(-n // -(-n // self.rows))
 
     def forward(self, x, t):
         """Mean loss over the scored targets, a 0-d array; in training also the gradients for dout = 1."""

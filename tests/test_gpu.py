@@ -24,7 +24,7 @@ V, B, T = 13, 3, 4
 def specs(output="full"):
     """A tied two-LSTM model with dropout: every kind of op a step runs; with the "adaptive" output, an
     LSTM with dropout ending in the adaptive softmax (a head of 4 words and two clusters); with "fused",
-    the tied model ending in the fused affine_softmax_loss, in chunks of 5 of the 12 rows."""
+    the tied model ending in the fused affine_softmax_loss, in chunks of at most 5 of the 12 rows (three of 4)."""
     if output == "adaptive":
         return preset_specs("rnnlm", wordvec_size=6, hidden_size=8, dropout=0.3, output_layer="adaptive",
                             cutoffs=[4, 8], div_value=2.0)

@@ -141,7 +141,7 @@ def test_the_chunk_rule_fills_half_the_cache_in_whole_row_blocks_and_can_be_set(
     assert layer.chunk_size(100) == 7 and layer.chunk_size(5) == 5
     built = registry.build_layer({"type": FUSED}, LayerContext(get_backend("numpy", dtype="float32"),
                                                                np.random.default_rng(0), 3, 10000))
-    assert built.chunk_size(10 ** 6) == 416
+    assert built.chunk_size(10 ** 6) == 416 and built.chunk_size(700) == 350 and built.chunk_size(100) == 100
     for bad in (0, -3, 2.5, True, "8"):
         with pytest.raises(SpecError, match="chunk_rows must be a positive integer"):
             registry.build_layer({"type": FUSED, "chunk_rows": bad}, LayerContext(np64, np.random.default_rng(0), 3, V))
