@@ -90,6 +90,7 @@ class AffineSoftmaxWithLoss(Layer):
         return self.work.get(self.xp, "dx", x2.shape, x2.dtype), dW, self.grads["b"]
 
     def _loss(self, grads):
+        """The last forward's loss over its chunks, writing `grads` (dx, dW, db) when given."""
         x2, t2 = self.inputs
         W, _ = self._weight()
         return output_loss(x2, t2, W, self.params["b"], self.ignore_index, self.chunk_size(x2.shape[0]),
