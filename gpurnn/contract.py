@@ -17,7 +17,9 @@ Arrays are NumPy or CuPy arrays of the backend's float dtype, time layers take a
 A loss layer reads logits (B, T, V) unless it sets `input_size` (then it reads features of that
 size, as the adaptive softmax does); one that holds other than V scores per position at once says
 how many in `logits_per_row` (evaluation sizes its blocks by it); one whose cutoffs assume a
-vocabulary sorted most frequent first sets `needs_frequency_order` (training checks the corpus).
+vocabulary sorted most frequent first sets `needs_frequency_order` (training checks the corpus);
+one that applies its own affine to features (W and b, or b and a `tie_to`, as `affine` keeps them)
+sets `owns_affine`, so the exports take it for affine + softmax_loss.
 
 The parts a plain call cannot show, which the kit checks for every layer:
 - `forward` and `backward` leave their arguments unmodified (a model passes one layer's output on

@@ -29,7 +29,7 @@ from .ops import (AdaptiveClusters, GRUGates, LSTMGates, Workspace, adaptive_log
                   gru_cell, gru_cell_backward, gru_gates, log_softmax, lstm_backward_factors, lstm_cell,
                   lstm_cell_backward, lstm_gates, matmul, recurrent_loop, rnn_cell, rnn_cell_backward,
                   scatter_add_rows, sigmoid, softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll,
-                  step_matmul)
+                  step_matmul, default_chunk_rows, output_log_prob, output_loss, output_nll)
 
 __all__ = [
     # registering
@@ -49,6 +49,8 @@ __all__ = [
     "AdaptiveClusters", "Workspace", "adaptive_log_prob", "adaptive_nll", "adaptive_softmax_loss",
     "adaptive_softmax_loss_backward", "log_softmax", "softmax_cross_entropy", "softmax_cross_entropy_backward",
     "softmax_nll", "dropout", "scatter_add_rows",
+    # ops: the fused output layer (affine + softmax cross-entropy in chunks of rows)
+    "default_chunk_rows", "output_log_prob", "output_loss", "output_nll",
     # data
     "IGNORE",
 ]

@@ -133,3 +133,39 @@ def test_version_1_files_still_evaluate_and_resume_bit_identically(capsys, tmp_p
     a, b = load_checkpoint(full), load_checkpoint(part)
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
+def make_before_tied_affine(path):
+    """Turn a tied model's file into what gpurnn wrote before the `tied_affine` layer type: the tied
+    output layer an `affine` with `tie_to`, its bias and optimizer arrays named after it."""
+    with h5py.File(path, "a") as f:
+        meta = json.loads(f.attrs["meta"])
+        meta["specs"] = [{**spec, "type": "affine"} if spec["type"] == "tied_affine" else spec
+                         for spec in meta["specs"]]
+        meta["layer_types"]["affine"] = meta["layer_types"].pop("tied_affine")
+        f.attrs["meta"] = json.dumps(meta)
+        del f.attrs["sha256"]  # its digest covered the meta as it was
+        for group in ("params", "optimizer"):
+            for name in [n for n in f[group] if "tied_affine." in n]:
+                f[group].move(name, name.replace("tied_affine.", "affine."))
+        f["params/affine.b"].attrs["layer_type"] = "affine"
+
+
+def test_files_from_before_tied_affine_evaluate_and_resume_bit_identically(capsys, tmp_path):
+    common = ["--backend", "numpy", "train", "--quiet", "--model-config", str(tmp_path / "m.toml"),
+              "--optimizer", "adam", "--lr", "0.01"]
+    (tmp_path / "m.toml").write_text(TIED_LSTM)
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    assert main([*common, "--max-iters", "30", "--checkpoint", str(full)]) == 0
+    assert main([*common, "--max-iters", "12", "--checkpoint", str(part)]) == 0
+    make_before_tied_affine(part)
+    old = load_checkpoint(part)
+    assert {"type": "tied_affine", "tie_to": "embedding", "name": "affine"} in old.meta["specs"]
+    assert "affine.b" in old.params
+    assert main(["--backend", "numpy", "generate", str(part), "--length", "3"]) == 0
+    resume = ["--backend", "numpy", "train", "--quiet", "--max-iters", "30", "--checkpoint", str(part), "--resume"]
+    assert main(resume) == 0  # the model from the checkpoint: no model options
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    np.testing.assert_array_equal(a.params.pop("tied_affine.b"), b.params.pop("affine.b"))
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)

@@ -22,12 +22,16 @@ V, B, T = 13, 3, 4
 
 
 def specs(output="full"):
-    """A tied two-LSTM model with dropout: every kind of op a step runs; or, with the "adaptive" output,
-    an LSTM with dropout ending in the adaptive softmax (a head of 4 words and two clusters)."""
+    """A tied two-LSTM model with dropout: every kind of op a step runs; with the "adaptive" output, an
+    LSTM with dropout ending in the adaptive softmax (a head of 4 words and two clusters); with "fused",
+    the tied model ending in the fused affine_softmax_loss, in chunks of at most 5 of the 12 rows (three of 4)."""
     if output == "adaptive":
         return preset_specs("rnnlm", wordvec_size=6, hidden_size=8, dropout=0.3, output_layer="adaptive",
                             cutoffs=[4, 8], div_value=2.0)
-    return preset_specs("better-rnnlm", wordvec_size=6, hidden_size=6, dropout=0.3)
+    tied = preset_specs("better-rnnlm", wordvec_size=6, hidden_size=6, dropout=0.3)
+    if output == "fused":
+        return tied[:-2] + [{"type": "affine_softmax_loss", "tie_to": "embedding", "chunk_rows": 5}]
+    return tied
 
 
 def batches(count, seed=0):
@@ -150,7 +154,7 @@ def test_eager_and_captured_work_share_the_backends_one_stream(registry):
 
 
 @requires_gpu
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "fused"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
 def test_cupy_training_steps_equal_numpy(registry, dtype, tol, output):
     data = batches(6)
@@ -161,7 +165,7 @@ def test_cupy_training_steps_equal_numpy(registry, dtype, tol, output):
 
 
 @requires_gpu
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "fused"])
 def test_the_cuda_graph_step_equals_the_eager_step_bit_for_bit(registry, output):
     data = batches(8)
     eager = run(trainer(get_backend("cupy", "float64"), registry, graph=False, output=output), data)
@@ -190,7 +194,7 @@ def test_a_resumed_gpu_run_with_dropout_is_bit_identical(registry):
 
 
 @requires_gpu
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "fused"])
 def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(registry, output):
     from gpurnn.train.evaluate import perplexity
 

@@ -165,7 +165,7 @@ def test_the_unbroken_layer_passes_with_its_float32_errors_reported(broken):
 @pytest.mark.parametrize("layer_type, options", [
     ("embedding", {"size": 4}), ("rnn", {"hidden_size": 3}), ("lstm", {"hidden_size": 3}),
     ("gru", {"hidden_size": 3}), ("affine", {}), ("dropout", {"p": 0.3}), ("softmax_loss", {}),
-    ("adaptive_softmax_loss", {"cutoffs": [2, 4], "div_value": 2.0}),
+    ("adaptive_softmax_loss", {"cutoffs": [2, 4], "div_value": 2.0}), ("affine_softmax_loss", {"chunk_rows": 4}),
 ])
 def test_every_builtin_layer_passes_the_stricter_kit(registry, layer_type, options):
     report = check_layer(layer_type, options, registry=registry)

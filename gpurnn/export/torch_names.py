@@ -38,14 +38,19 @@ AFFINES = ("affine", "tied_affine")  # RNNModel's decoder, untied or tied to the
 
 def parts(model):
     """(name, layer, type) of the embedding, of each recurrent layer and of the affine of a model laid
-    out as RNNModel is (dropout layers left out), or an ExportError saying it is not."""
+    out as RNNModel is (dropout layers left out), or an ExportError saying it is not. A loss layer that
+    applies its own affine (`owns_affine`: W and b, or b and a tie, as affine's) is both the affine
+    and the loss."""
     core = [(name, layer, spec["type"]) for name, layer, spec in zip(model.names, model.layers, model.specs)
             if spec["type"] != "dropout"]
     kinds = [kind for _, _, kind in core]
-    if len(core) < 4 or (kinds[0], kinds[-1]) != ("embedding", "softmax_loss") or kinds[-2] not in AFFINES:
+    fused = getattr(model.layers[-1], "owns_affine", False)
+    decoder = len(core) - (1 if fused else 2)
+    pair = kinds[decoder] in AFFINES and kinds[-1] == "softmax_loss"
+    if decoder < 2 or kinds[0] != "embedding" or not (fused or pair):
         raise ExportError(f"the model ({' -> '.join(kinds)}) is not PyTorch's RNNModel, which is an embedding, "
                           f"recurrent layers of one type and size, an affine and softmax_loss, with dropout between")
-    return core[0], core[1:-2], core[-2]
+    return core[0], core[1:decoder], core[decoder]
 
 
 def rnn_model_args(model, registry):

@@ -150,12 +150,32 @@ def load_checkpoint(path):
             layouts = {name: dict(d.attrs) for name, d in f["params"].items()}
             vocab = [s.decode("utf-8") if isinstance(s, bytes) else s for s in f["vocab"][()]]
             verify_digest(f, meta_json, vocab, path)
-            meta = json.loads(meta_json)
+            meta = upgraded_meta(json.loads(meta_json))
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable gpurnn checkpoint ({os_error_cause(exc)})") from None
     return Checkpoint(path, *groups, vocab, meta, layouts)
+
+
+def upgraded_meta(meta):
+    """`meta` with its specs as this gpurnn names them. A checkpoint written before the `tied_affine`
+    layer type holds a tied output layer as `{"type": "affine", "tie_to": ...}`: it is read as a
+    `tied_affine` under the name it had, so its parameters keep their names and it loads as it did."""
+    from ..model import layer_names
+
+    specs = meta.get("specs") if isinstance(meta, dict) else None
+    old = [isinstance(spec, dict) and spec.get("type") == "affine" and spec.get("tie_to") is not None
+           for spec in specs or []]
+    if not any(old):
+        return meta
+    try:
+        names = layer_names(specs)
+    except GpurnnError:  # malformed specs: verify_checkpoint and the model say what is wrong
+        return meta
+    specs = [{**spec, "type": "tied_affine", "name": name} if was_tied else spec
+             for spec, name, was_tied in zip(specs, names, old)]
+    return {**meta, "specs": specs}
 
 
 def strip_checkpoint(path, output):
