@@ -438,8 +438,8 @@ class TrainReport:
 
 
 def train_with_progress(ctx, trainer, report):
-    """Run the trainer, reporting to `report` (a TrainReport); the final summary line."""
-    from .train.progress import fit_fields, is_terminal, terminal_width
+    """Run the trainer, reporting to `report` (a TrainReport); the final summary: one line, whatever the
+    terminal (a script reads it; an MPI launcher may hand each rank a pseudo-terminal of width 0)."""
     from .train.trainer import Interrupted
 
     try:
@@ -453,7 +453,7 @@ def train_with_progress(ctx, trainer, report):
     last = report.log.records[-1] if report.log.records else {}
     summary = {k: last[k] for k in ("iteration", "epoch", "train_perplexity", "valid_perplexity") if k in last}
     parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()]
-    return fit_fields(parts, terminal_width(sys.stdout) - 1) if is_terminal(sys.stdout) else " ".join(parts)
+    return " ".join(parts)
 
 
 def plot_current_run(log, path):

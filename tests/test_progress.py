@@ -10,6 +10,8 @@ import os
 import re
 import select
 import struct
+import subprocess
+import sys
 import termios
 
 import numpy as np
@@ -127,6 +129,30 @@ def test_quiet_and_eval_progress_off_a_terminal_print_nothing(pty):
 def test_fields_wrap_between_fields():
     assert fit_fields(["iter 10", "epoch 0.50", "valid ppl 99.00"], 18) == "iter 10 epoch 0.50\nvalid ppl 99.00"
     assert fit_fields(["a much longer field than the width"], 5) == "a much longer field than the width"
+
+
+def test_a_terminal_of_width_0_counts_as_unknown(monkeypatch):
+    """Open MPI hands each rank a pseudo-terminal that says 0 columns."""
+    terminal = Pty(0)
+    try:
+        monkeypatch.setenv("COLUMNS", "97")
+        assert progress_module.terminal_width(terminal.out) == 97
+    finally:
+        terminal.close()
+
+
+@pytest.mark.parametrize("columns", [0, 20])
+def test_the_training_summary_is_one_line_on_any_terminal(tmp_path, columns):
+    terminal = Pty(columns)
+    try:
+        done = subprocess.run([sys.executable, "-m", "gpurnn", "--backend", "numpy", "train", "--max-iters", "2",
+                               "--quiet", "--checkpoint", str(tmp_path / "ck.h5")],
+                              stdout=terminal.out, stderr=subprocess.PIPE, text=True, timeout=120)
+        lines = terminal.screen_lines()
+    finally:
+        terminal.close()
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"iteration 2 epoch \S+ train_perplexity \S+", lines[0]), lines
 
 
 def test_notices_print_even_when_quiet_and_above_the_bar(pty):

@@ -21,11 +21,13 @@ SMOOTHING = 0.3  # weight of the newest loss sample in the running loss
 
 
 def terminal_width(out):
-    """The width of the terminal `out` writes to (80 when it cannot be told)."""
+    """The width of the terminal `out` writes to (COLUMNS or 80 when it cannot be told: a pseudo-terminal
+    an MPI launcher gives a rank says 0)."""
     try:
-        return os.get_terminal_size(out.fileno()).columns
+        columns = os.get_terminal_size(out.fileno()).columns
     except (AttributeError, OSError, ValueError):
-        return shutil.get_terminal_size().columns
+        columns = 0
+    return columns or shutil.get_terminal_size().columns
 
 
 def is_terminal(out):
