@@ -327,9 +327,9 @@ def train(ctx, corpus, config, **values):
     if model_given or model.model_config:
         explicit.add("specs")
     job = {"specs": model_specs(model), "options": options, "explicit": explicit, "backend": backend_from(ctx),
-           "registry": registry_from(ctx), "resume": out.resume,
-           "run_meta": {"run_id": run_id, "model_name": model_name}}
+           "registry": registry_from(ctx), "run_meta": {"run_id": run_id, "model_name": model_name}}
     with run_folder(out.run_dir, out.checkpoint, run_id, owner=group.rank == 0) as checkpoint:
+        job["resume"] = out.resume and group.from_root(checkpoint.exists)  # else it begins: MetricsLog says so
         metrics = out.metrics or sibling(checkpoint, ".metrics.jsonl")
         if group.rank == 0:  # the one writer of the run's files
             check_outputs(corpus, checkpoint, metrics, out.plot, model.model_config)

@@ -2,18 +2,21 @@
 
 The header holds the run id, the time, the full configuration, the gpurnn version and the backend
 and device. A resumed run appends to its file: a second header (with `resumed_at`) and records that
-carry the same run id, so the run reads as one. `run_records` picks one run out of a file and
+carry the same run id, so the run reads as one; first it drops a last line a kill cut short and the steps
+the stopped process logged after its checkpoint, so each step is in the file once. `run_records` picks one run out of a file and
 `plot_run` draws it. The plot needs matplotlib (the ``[plot]`` extra); `require_matplotlib` says so
 before training starts rather than after hours of it.
 """
 
 import json
+import os
 import secrets
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import jsontext
-from ..atomic import atomic_path, os_error_cause
+from ..atomic import atomic_path, os_error_cause, same_file
 from ..errors import GpurnnError
 
 
@@ -30,11 +33,12 @@ class MetricsLog:
     """Writes one run's records to `path` as JSON lines, and keeps them in `records`.
 
     A new run refuses a file that holds another run's steps or sits beside its checkpoint (each run
-    has its own); a resumed run appends to it. With
-    `write` False (every rank but the first of a data-parallel job) it keeps the records only.
+    has its own); a resumed run appends to it. A run that stopped before its first checkpoint leaves
+    nothing to resume: its records are kept aside (`stopped_path`) and the same command starts afresh.
+    With `write` False (every rank but the first of a data-parallel job) it keeps the records only.
     """
 
-    def __init__(self, path, header, resume=False, write=True, checkpoint=None):
+    def __init__(self, path, header, resume=False, write=True, checkpoint=None, on_note=None):
         self.path = Path(path)
         self.run_id = header["run_id"]
         self.records = []
@@ -43,14 +47,64 @@ class MetricsLog:
             return
         if not self.path.parent.is_dir():
             raise GpurnnError(f"cannot write metrics to {self.path}: folder {self.path.parent} does not exist")
-        fresh = (not resume and self.path.exists() and not _has_steps(self.path)
-                 and not (checkpoint and Path(checkpoint).exists()))
-        if self.path.exists() and not resume and not fresh:
-            raise GpurnnError(f"metrics file {self.path} already holds a run: pass --resume to continue "
-                              "that run, or choose another --metrics file")
+        begin = resume and checkpoint is not None and not Path(checkpoint).exists()  # stopped before a save
+        mode, aside = "a", None
+        if self.path.exists() and resume and not begin:
+            self._keep_saved_steps(header.get("resumed_at", 0))
+        elif self.path.exists():
+            mode, aside = self._make_way(checkpoint)
+        if begin or aside:
+            (on_note or _print_note)(f"note: no checkpoint at {checkpoint} yet: the run starts from the beginning"
+                                     + (f"; the stopped run's records are in {aside}" if aside else ""))
+        self._write({"kind": "header", "time": utc_now(), **header}, mode=mode)
+
+    def _make_way(self, checkpoint):
+        """How a new run begins in the existing file: ("w", None) to write it afresh, ("w", where the
+        stopped run's records went), or GpurnnError where another run's are there to keep."""
+        records = _readable_records(self.path)
+        steps = records is None or any(r.get("kind") != "header" for r in records)
         # A file of headers alone, with no checkpoint beside it, is a run that stopped before its first
         # step (out of memory, say): nothing to keep, so the next attempt at the same path starts afresh.
-        self._write({"kind": "header", "time": utc_now(), **header}, mode="w" if fresh else "a")
+        if not (checkpoint and Path(checkpoint).exists()) and not steps:
+            return "w", None
+        headers = [r for r in records or () if r.get("kind") == "header"]
+        if (checkpoint and not Path(checkpoint).exists() and headers
+                and all(same_file(r.get("checkpoint", ""), checkpoint) for r in headers)):
+            aside = stopped_path(self.path)
+            try:
+                os.replace(self.path, aside)
+            except OSError as exc:
+                raise GpurnnError(f"cannot move metrics {self.path} aside: {os_error_cause(exc)}") from None
+            return "w", aside
+        raise GpurnnError(f"metrics file {self.path} already holds a run: pass --resume to continue "
+                          "that run, or choose another --metrics file")
+
+    def _keep_saved_steps(self, resumed_at):
+        """Before a resumed run appends: drop a last line a kill cut short, and this run's steps after
+        `resumed_at` (the stopped process logged them; this one logs them again), so each step is
+        written once. The file is rewritten atomically, and only when something goes."""
+        try:
+            lines = self.path.read_text().splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GpurnnError(f"cannot read metrics {self.path}: {os_error_cause(exc)}") from None
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.endswith("\n"):
+                break  # only the last line can lack its end: a write cut short
+            try:
+                record = json.loads(line) if line.strip() else {}
+            except ValueError:
+                raise GpurnnError(f"metrics file {self.path} line {number} is not JSON") from None
+            if not (record.get("kind") == "step" and record.get("run_id") == self.run_id
+                    and record.get("iteration", 0) > resumed_at):
+                kept.append(line)
+        if kept == lines:
+            return
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(kept))
+        except OSError as exc:
+            raise GpurnnError(f"cannot write metrics to {self.path}: {os_error_cause(exc)}") from None
 
     def _write(self, record, mode="a"):
         if not self.write:
@@ -66,17 +120,30 @@ class MetricsLog:
         self._write({"kind": "step", "run_id": self.run_id, **record})
 
 
-def _has_steps(path):
-    """Whether the metrics file at `path` holds a step record (or is not one we can read)."""
+def stopped_path(path):
+    """Where the records of a run that stopped before its first checkpoint are kept (the latest such run's):
+    runs/x/checkpoint.metrics.jsonl -> checkpoint.metrics.stopped.jsonl."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.stopped{path.suffix}")
+
+
+def _print_note(text):
+    print(text, file=sys.stderr)
+
+
+def _readable_records(path):
+    """The records of the metrics file at `path`, or None where it is not one we can read."""
     try:
-        return any(record.get("kind") != "header" for record in read_records(path))
-    except (OSError, ValueError, AttributeError):
-        return True
+        records = read_records(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return records if all(isinstance(r, dict) for r in records) else None
 
 
 def read_records(path):
+    """The records of a metrics file; a last line without its end (a write cut short) is left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
 
 
 def run_records(records, run_id):
