@@ -45,6 +45,7 @@ ptb_seconds="${PTB_SECONDS:-400}"
 deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-570} ))  # the whole script's, inside a 600 s call
 corpus="${PTB_CORPUS:-runs/ptb.h5}"
 export PYTHONUNBUFFERED=1
+python="${PYTHON:-python3}"  # the interpreter: $PYTHON, else python3 on PATH
 note() { echo "$*" | tee -a "$summary"; }
 bench_args=(--configs small-rnn,medium-lstm --repeat 1 --iters 200 --warmup 20)
 score_args=(--device cuda)
@@ -55,25 +56,25 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
     tests=(tests/test_gpu.py)
 fi
 
-install() { python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$logs/install.log" 2>&1; }
+install() { "$python" -m pip install -q --no-deps --no-build-isolation -e . >>"$logs/install.log" 2>&1; }
 # The machine's setuptools may predate `license = "MIT"` (77): then a newer one from .whl/.
 if [ "${GPU_CHECK_QUICK:-0}" != 1 ] && ! install; then
     note "install failed ($(tail -n 1 "$logs/install.log")); retrying with $(ls .whl/setuptools-*.whl 2>/dev/null)"
-    python3 -m pip install -q --no-index --no-deps --target /tmp/setuptools .whl/setuptools-*.whl \
+    "$python" -m pip install -q --no-index --no-deps --target /tmp/setuptools .whl/setuptools-*.whl \
         >>"$logs/install.log" 2>&1 && PYTHONPATH=/tmp/setuptools install \
         || { tail -n 5 "$logs/install.log" | tee -a "$summary"; exit 1; }
 fi
 # No mpiexec there: MPICH and mpi4py from .whl/, so that the MPI tests (NCCL's among them) run.
 if ! command -v mpiexec >/dev/null && ls .whl/mpich-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/mpi .whl/mpich-*.whl .whl/mpi4py-*.whl \
+    "$python" -m pip install -q --no-index --no-deps --target /tmp/mpi .whl/mpich-*.whl .whl/mpi4py-*.whl \
         >>"$logs/install.log" 2>&1 && export PATH="/tmp/mpi/bin:$PATH" PYTHONPATH="/tmp/mpi${PYTHONPATH:+:$PYTHONPATH}"
 fi
 note "mpi: $(command -v mpiexec || echo 'none: the MPI tests skip')"
 note "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
-python3 -m gpurnn --backend cupy info --json >"$logs/info.json" 2>&1
-note "$(python3 -m gpurnn --version 2>&1); $(python3 -c 'import cupy, numpy; print("cupy", cupy.__version__, "numpy", numpy.__version__)')"
+"$python" -m gpurnn --backend cupy info --json >"$logs/info.json" 2>&1
+note "$("$python" -m gpurnn --version 2>&1); $("$python" -c 'import cupy, numpy; print("cupy", cupy.__version__, "numpy", numpy.__version__)')"
 
-timeout 60 python3 scripts/capture_probe.py >"$logs/capture_probe.log" 2>&1
+timeout 60 "$python" scripts/capture_probe.py >"$logs/capture_probe.log" 2>&1
 note "capture probe: $(tail -n 1 "$logs/capture_probe.log")"
 
 echo "== every kernel against NumPy under compute-sanitizer, eagerly, before the benchmark"
@@ -81,7 +82,7 @@ SUMMARY="$summary" LOGS="$logs" bash scripts/sanitize.sh
 sanitize_rc=$?
 
 echo "== benchmark beside PyTorch, nothing else on the GPU"
-timeout 120 python3 scripts/bench.py --backends cupy "${bench_args[@]}" --json "$logs/bench.json" 2>&1 \
+timeout 120 "$python" scripts/bench.py --backends cupy "${bench_args[@]}" --json "$logs/bench.json" 2>&1 \
     | tee "$logs/bench.log"
 bench_rc=${PIPESTATUS[0]}
 grep -E "^(small|medium)" "$logs/bench.log" >>"$summary"
@@ -95,7 +96,7 @@ if [ "${1:-}" = "--ptb" ]; then
     [ "$left" -lt "$ptb_seconds" ] && ptb_seconds=$(( left > 30 ? left : 30 ))
     note "ptb: at most $ptb_seconds s of training"
     ptb_start=$(date +%s)
-    timeout "$ptb_seconds" python3 -m gpurnn --backend cupy train "$corpus" \
+    timeout "$ptb_seconds" "$python" -m gpurnn --backend cupy train "$corpus" \
         --model-config scripts/ptb_medium.toml --optimizer sgd --lr 20 --clip 0.25 --lr-decay 0.25 \
         --batch-size 20 --time-size 35 --epochs 40 --eval-every 1327 --log-every 200 --seed 1 \
         --checkpoint "$logs/ptb_medium.h5" --keep-best --save-every 1327 --metrics "$logs/ptb_medium.jsonl" \
@@ -104,7 +105,7 @@ if [ "${1:-}" = "--ptb" ]; then
 fi
 
 echo "== tests, CuPy as the default backend"
-GPURNN_BACKEND=cupy OPENBLAS_NUM_THREADS=4 timeout 300 python3 -m pytest -q -p no:cacheprovider \
+GPURNN_BACKEND=cupy OPENBLAS_NUM_THREADS=4 timeout 300 "$python" -m pytest -q -p no:cacheprovider \
     -m "not packaging" "${tests[@]}" >"$logs/tests.log" 2>&1
 tests_rc=$?
 note "tests (rc $tests_rc): $(tail -n 1 "$logs/tests.log")"
@@ -120,13 +121,13 @@ if [ -n "$ptb_pid" ]; then
     [ -f "$logs/ptb_medium.best.h5" ] && scored="$logs/ptb_medium.best.h5"  # best validation perplexity
     note "ptb scored: $(basename "$scored")"
     for split in valid test; do
-        timeout 60 python3 -m gpurnn --backend cupy eval "$scored" "$corpus" --split "$split" \
+        timeout 60 "$python" -m gpurnn --backend cupy eval "$scored" "$corpus" --split "$split" \
             --batch-size 1 --json >"$logs/ptb_$split.json" 2>&1
         rc=$?
         ptb_rc=$(( ptb_rc || rc ))
         note "ptb $split (rc $rc): $(tr -d '\n ' <"$logs/ptb_$split.json")"
     done
-    python3 -m gpurnn strip "$scored" "$logs/ptb_medium.weights.h5" | tee -a "$summary"
+    "$python" -m gpurnn strip "$scored" "$logs/ptb_medium.weights.h5" | tee -a "$summary"
     note "ptb checkpoint sha256: $(sha256sum "$logs/ptb_medium.weights.h5" | cut -d' ' -f1)"
     split -b 15M -d "$logs/ptb_medium.weights.h5" "$out/ptb_medium.h5.part"
 fi

@@ -21,11 +21,11 @@ ptb_prepare "$run/ptb.h5"
 variants=(${PTB_VARIANTS:-lstm lstm_adaptive})
 for name in "${variants[@]}"; do
     echo "== $name (scripts/ptb_$name.toml)"
-    gpurnn --backend numpy train "$run/ptb.h5" --model-config "$repo/scripts/ptb_$name.toml" --quiet \
+    "$python" -m gpurnn --backend numpy train "$run/ptb.h5" --model-config "$repo/scripts/ptb_$name.toml" --quiet \
         --optimizer adam --lr 1e-3 --clip 0.5 --batch-size 20 --time-size 35 --epochs 1 \
         --checkpoint "$run/$name.h5" --metrics "$run/$name.metrics.jsonl" "$@"
 done
-python3 - "$run" "${variants[@]}" <<'PY'
+"$python" - "$run" "${variants[@]}" <<'PY'
 import json, statistics, sys
 run, names = sys.argv[1], sys.argv[2:]
 found = {}

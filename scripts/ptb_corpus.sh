@@ -4,6 +4,7 @@
 # folder of his RNNLM "simple-examples" archive) from $GPURNN_PTB_DIR, default ../shared/data/ptb
 # relative to the repository root.
 ptb="${GPURNN_PTB_DIR:-$repo/../shared/data/ptb}"
+python="${PYTHON:-python3}"  # the interpreter: $PYTHON, else python3 on PATH
 
 # Stop with one line unless the three text files are there.
 ptb_check() {
@@ -14,6 +15,6 @@ ptb_check() {
 
 # Make the corpus file $1 from them, unless it exists.
 ptb_prepare() {
-    [ -f "$1" ] || gpurnn prepare "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" --test "$ptb/ptb.test.txt" \
+    [ -f "$1" ] || "$python" -m gpurnn prepare "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" --test "$ptb/ptb.test.txt" \
         --output "$1"
 }

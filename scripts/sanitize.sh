@@ -9,6 +9,7 @@
 # A step of scripts/gpu_check.sh; alone: SUMMARY=summary.txt bash scripts/sanitize.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"  # the interpreter: $PYTHON, else python3 on PATH
 summary="${SUMMARY:-/dev/null}"
 logs="${LOGS:-$(mktemp -d)}"
 mkdir -p "$logs"
@@ -25,7 +26,7 @@ sanitized() {  # TOOL LIMIT DRIVER-ARGS...: the driver under one tool, for at mo
     if [ "$left" -lt 20 ]; then note "sanitizer $tool: not run (the sanitizer's time is spent)"; return; fi
     [ "$left" -lt "$limit" ] && limit=$left
     timeout "$limit" "$sanitizer" --tool "$tool" --error-exitcode 3 --print-limit 20 \
-        python3 scripts/sanitize_kernels.py "$@" >"$log" 2>&1
+        "$python" scripts/sanitize_kernels.py "$@" >"$log" 2>&1
     rc=$?  # 3: the sanitizer found errors; 1: a result differs from NumPy's; 124: out of time
     status=$(( status || rc ))
     found="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tr '\n' ' ')"
@@ -35,7 +36,7 @@ sanitized() {  # TOOL LIMIT DRIVER-ARGS...: the driver under one tool, for at mo
 }
 
 if [ -z "$sanitizer" ]; then
-    timeout 120 python3 scripts/sanitize_kernels.py >"$logs/sanitize_driver.log" 2>&1
+    timeout 120 "$python" scripts/sanitize_kernels.py >"$logs/sanitize_driver.log" 2>&1
     status=$?
     note "sanitizer: none found; the driver alone (rc $status): $(grep '^sanitize_kernels' \
         "$logs/sanitize_driver.log" | tail -n 1)"

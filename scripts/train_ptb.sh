@@ -25,9 +25,9 @@ ptb_prepare "$run/ptb.h5"
 
 start="--lr 1e-3"
 [ -f "$run/checkpoint.h5" ] && start="--resume"
-gpurnn --backend numpy train "$run/ptb.h5" --model-config "$repo/scripts/ptb_$model.toml" \
+"$python" -m gpurnn --backend numpy train "$run/ptb.h5" --model-config "$repo/scripts/ptb_$model.toml" \
     --optimizer adam --clip 0.5 --lr-decay 0.25 --batch-size 20 --time-size 35 $schedule \
     --checkpoint "$run/checkpoint.h5" --save-every 200 --metrics "$run/metrics.jsonl" $start
 for split in valid test; do
-    gpurnn --backend numpy eval "$run/checkpoint.h5" "$run/ptb.h5" --split "$split" --batch-size 1 --json
+    "$python" -m gpurnn --backend numpy eval "$run/checkpoint.h5" "$run/ptb.h5" --split "$split" --batch-size 1 --json
 done

@@ -53,7 +53,7 @@ def write_small_corpus(folder):
 
 
 
-def this_python_first(env):
-    """`env` with the folder of the interpreter running the tests first on PATH, so that a script's
-    `python3` and `gpurnn` are this interpreter's, activated virtual environment or not."""
-    return {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])}
+def with_this_python(env):
+    """`env` naming the interpreter running the tests as $PYTHON, which the scripts run (for Python and
+    `python -m gpurnn`) instead of `python3` from PATH: this one, activated virtual environment or not."""
+    return {**env, "PYTHON": sys.executable}

@@ -10,7 +10,7 @@ from gpurnn.train.checkpoint import load_checkpoint
 from gpurnn.errors import GpurnnError
 from gpurnn.train.metrics import MetricsLog, read_records, run_figure, run_records
 
-from .conftest import this_python_first
+from .conftest import with_this_python
 from .test_train import in_tmp_path, run  # noqa: F401  (a fixture)
 
 NUMPY_TRAIN = ["--backend", "numpy", "train", "--quiet"]
@@ -238,7 +238,7 @@ def test_the_ptb_scripts_say_where_ptb_comes_from(tmp_path, script, args):
     import os
     import subprocess
     script = Path(__file__).resolve().parents[1] / "scripts" / script
-    env = this_python_first({**os.environ, "GPURNN_PTB_DIR": str(tmp_path / "nowhere")})
+    env = with_this_python({**os.environ, "GPURNN_PTB_DIR": str(tmp_path / "nowhere")})
     done = subprocess.run(["bash", str(script), *args, str(tmp_path / "run")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"no {tmp_path / 'nowhere'}/ptb.train.txt: set GPURNN_PTB_DIR" in done.stderr

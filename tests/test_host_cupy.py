@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from .conftest import this_python_first
+from .conftest import with_this_python
 from .kernels_on_host import compiler
 from .test_parallel import WHY_NOT as WHY_NO_MPI
 
@@ -35,7 +35,7 @@ def with_stand_in(args, cwd, check=True, program=(sys.executable,), **env_vars):
     gpurnn probes for it, and `env_vars` added to the environment (without the variables that steer
     gpurnn and the GPU scripts, which the caller's run may have set)."""
     steering = ("GPURNN_", "GPU_CHECK_", "SANITIZE_", "PTB_", "COMPUTE_SANITIZER")
-    env = this_python_first({k: v for k, v in os.environ.items() if not k.startswith(steering)})
+    env = with_this_python({k: v for k, v in os.environ.items() if not k.startswith(steering)})
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "hostcupy"), str(TESTS.parent)])
     env.update({k: str(v) for k, v in env_vars.items()})
     done = subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -159,6 +159,17 @@ def test_the_sanitizer_step_reports_each_tool_and_its_errors(tmp_path):
     assert lines[2].startswith("========= Error: Race reported between Write access at softmax_rows")
     assert lines[3].startswith(f"sanitizer synccheck (rc 0, at most 30 s): {passed}27 of 27 checks")
     assert lines[4].startswith("sanitizer initcheck (rc 0, at most 40 s): ") and len(lines) == 5
+
+
+def test_a_script_test_runs_this_interpreter_where_path_holds_only_system_folders():
+    """`VENV/bin/python -m pytest` with no virtual environment activated: the scripts a test starts run
+    this interpreter ($PYTHON), not a `python3` from PATH that lacks gpurnn's dependencies."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHON")}
+    env["PATH"] = os.defpath
+    test = f"{Path(__file__).name}::test_the_sanitizer_step_reports_each_tool_and_its_errors"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=TESTS,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
 
 
 STAND_IN_REFUSALS = r"""
