@@ -2,10 +2,10 @@
 
 The header holds the run id, the time, the full configuration, the gpurnn version and the backend
 and device. A resumed run appends to its file: a second header (with `resumed_at`) and records that
-carry the same run id, so the run reads as one; first it drops a last line a kill cut short and the steps
-the stopped process logged after its checkpoint, so each step is in the file once. `run_records` picks one run out of a file and
-`plot_run` draws it. The plot needs matplotlib (the ``[plot]`` extra); `require_matplotlib` says so
-before training starts rather than after hours of it.
+carry the same run id, so the run reads as one; first it drops a last line a kill cut short and the
+steps the stopped process logged after its checkpoint, so each step is in the file once. `run_records`
+picks one run out of a file and `plot_run` draws it. The plot needs matplotlib (the ``[plot]`` extra);
+`require_matplotlib` says so before training starts rather than after hours of it.
 """
 
 import json
@@ -38,7 +38,7 @@ class MetricsLog:
     With `write` False (every rank but the first of a data-parallel job) it keeps the records only.
     """
 
-    def __init__(self, path, header, resume=False, write=True, checkpoint=None, on_note=None):
+    def __init__(self, path, header, resume=False, write=True, checkpoint=None):
         self.path = Path(path)
         self.run_id = header["run_id"]
         self.records = []
@@ -54,8 +54,8 @@ class MetricsLog:
         elif self.path.exists():
             mode, aside = self._make_way(checkpoint)
         if begin or aside:
-            (on_note or _print_note)(f"note: no checkpoint at {checkpoint} yet: the run starts from the beginning"
-                                     + (f"; the stopped run's records are in {aside}" if aside else ""))
+            print(f"note: no checkpoint at {checkpoint} yet: the run starts from the beginning"
+                  + (f"; the stopped run's records are in {aside}" if aside else ""), file=sys.stderr)
         self._write({"kind": "header", "time": utc_now(), **header}, mode=mode)
 
     def _make_way(self, checkpoint):
@@ -125,10 +125,6 @@ def stopped_path(path):
     runs/x/checkpoint.metrics.jsonl -> checkpoint.metrics.stopped.jsonl."""
     path = Path(path)
     return path.with_name(f"{path.stem}.stopped{path.suffix}")
-
-
-def _print_note(text):
-    print(text, file=sys.stderr)
 
 
 def _readable_records(path):
