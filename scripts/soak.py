@@ -268,13 +268,14 @@ class Soak:
     def fill_once(self, checkpoint, disk):
         """The run's file system fills: the run stops with one line (or finishes), then the room is freed."""
         filler = disk / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(bytes(65536))
-                    f.flush()
-            except OSError:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, bytes(65536)):
                 pass
+        except OSError:  # full
+            pass
+        finally:
+            os.close(fd)
         code, err, _ = self.attempt(checkpoint, checkpoint.exists())
         filler.unlink()
         errors = [line for line in err.splitlines() if line.startswith("gpurnn: error: ")]  # besides notes
@@ -386,11 +387,11 @@ def soak(interruptions, seed, ranks=1, tmpfs=False, folder=None):
 
 
 def mount_tmpfs(folder):
-    """Mount a 4 MiB tmpfs on `folder` (root only); False, said, where it cannot be."""
+    """Mount a 64 MiB tmpfs on `folder` (root only); False, said, where it cannot be."""
     if os.geteuid() != 0:
         print("soak: --tmpfs needs root; left out", flush=True)
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         print(f"soak: cannot mount a tmpfs ({done.stderr.strip()}); left out", flush=True)
