@@ -259,6 +259,8 @@ class Soak:
             self.count("refusals naming --resume")
             code, err, delivered = self.attempt(checkpoint, True, at, SIGNALS[name], after, victim)
         self.check_ending(code, err, what)
+        if delivered and moment == "before the first save":
+            delivered += " before the first save"
         self.count(f"{name} at {delivered}" if delivered else "runs that ended first")
         print(f"{what}: exit {code} ({'at ' + delivered if delivered else 'ended first'})", flush=True)
 
