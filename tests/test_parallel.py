@@ -141,6 +141,24 @@ def test_mpi_launch_without_mpi4py_exits_2_with_one_line_from_rank_0(size_variab
                       "pip install 'gpurnn[mpi]'"] if shown else [])
 
 
+def test_ctrl_c_while_mpi_starts_ends_every_rank_once_the_group_exists(monkeypatch):
+    """A rank that left during MPI's start-up would leave its peers waiting for it for ever (MPICH and
+    Open MPI alike): the Ctrl-C waits for the group, then ends the job (MPI_Abort)."""
+    group, ended = parallel.Group(), []
+    group.size, group.end_job = 2, ended.append
+
+    def starting():
+        os.kill(os.getpid(), signal.SIGINT)  # lands inside MPI_Init, as it were
+        time.sleep(0.05)
+        return group
+
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(parallel, "world", starting)
+    parallel.on_every_rank(lambda: pytest.fail("the command ran"))()
+    assert [type(exc) for exc in ended] == [KeyboardInterrupt]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler again
+
+
 @pytest.mark.parametrize("variable", ["MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"])  # MPICH's, Open MPI's
 @pytest.mark.parametrize("local, visible, chosen", [("1", None, "1"), ("1", "4,6", "6"), ("0", "3", "3")])
 def test_each_rank_on_a_node_sees_its_own_gpu(monkeypatch, variable, local, visible, chosen):
@@ -156,13 +174,14 @@ def test_each_rank_on_a_node_sees_its_own_gpu(monkeypatch, variable, local, visi
 
 
 @needs_mpi
-def test_the_launcher_tells_each_process_its_rank_the_size_and_its_rank_on_the_node():
-    code = ("from gpurnn.train import parallel; group = parallel.world(); "
-            "print(group.rank, group.size, parallel.launcher_value(parallel.LOCAL_RANK_VARIABLES), "
-            "parallel.launcher_value(parallel.RANK_VARIABLES))")
-    done = mpirun(2, [sys.executable, "-c", code])
+def test_the_launcher_tells_each_process_its_rank_the_size_and_its_rank_on_the_node(tmp_path):
+    code = ("import sys; from pathlib import Path; from gpurnn.train import parallel; group = parallel.world(); "
+            "values = (group.size, parallel.launcher_value(parallel.LOCAL_RANK_VARIABLES), "
+            "parallel.launcher_value(parallel.RANK_VARIABLES)); "
+            "(Path(sys.argv[1]) / str(group.rank)).write_text(' '.join(map(str, values)))")
+    done = mpirun(2, [sys.executable, "-c", code, tmp_path])
     assert done.returncode == 0, done.stderr
-    assert sorted(done.stdout.splitlines()) == ["0 2 0 0", "1 2 1 1"]
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"0": "2 0 0", "1": "2 1 1"}
 
 
 # -- two ranks equal one process ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import sys
 import traceback
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
@@ -253,9 +254,13 @@ def on_every_rank(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            group = world()
+            group, interrupted = starting_world()
         except ParallelError as exc:
             return agreed_exit(exc, launcher_value(RANK_VARIABLES) or 0)
+        if interrupted and group.size == 1:
+            raise KeyboardInterrupt
+        if interrupted:  # Ctrl-C while MPI started: end every rank (a rank that just left would hang its peers)
+            return group.end_job(KeyboardInterrupt())
         if group.size == 1:
             return command(*args, **kwargs)
         with ExitStack() as quiet:
@@ -271,6 +276,19 @@ def on_every_rank(command):
                 group.end_job(exc)
 
     return run
+
+
+def starting_world():
+    """(world(), whether a Ctrl-C came meanwhile). Under a launcher, a Ctrl-C while MPI starts is held
+    until the group exists, for no rank can leave then without leaving the others waiting for it."""
+    if launcher_value(SIZE_VARIABLES) is None:
+        return world(), False
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        return world(), bool(held)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def agreed_exit(exc, rank):
