@@ -86,7 +86,7 @@ timeout 120 "$python" scripts/bench.py --backends cupy "${bench_args[@]}" --json
     | tee "$logs/bench.log"
 bench_rc=${PIPESTATUS[0]}
 grep -E "^(small|medium)" "$logs/bench.log" >>"$summary"
-timeout 150 python3 scripts/bench_score.py --backend cupy --corpus "$corpus" "${score_args[@]}" \
+timeout 150 "$python" scripts/bench_score.py --backend cupy --corpus "$corpus" "${score_args[@]}" \
     --json "$logs/bench_score.json" 2>&1 | tee "$logs/bench_score.log"
 score_rc=${PIPESTATUS[0]}
 grep -E "^(small|medium)" "$logs/bench_score.log" | sed 's/^/score: /' >>"$summary"
