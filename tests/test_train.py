@@ -100,7 +100,6 @@ def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_last_good_chec
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--resume"], "--resume needs the run to continue"),
-    (["train", "--resume", "--checkpoint", "nowhere.h5"], "no checkpoint file"),
     (["train", "--model", "nope"], "Invalid value for '--model': 'nope' is not one of 'simple-rnnlm'"),
     (["train", "--model-config", "missing.toml"], "does not exist"),
     (["train", "--lr", "-1"], "Invalid value for '--lr'"),
