@@ -21,18 +21,17 @@ from .conftest import requires_gpu
 V, B, T = 13, 3, 4
 
 
-def specs(output="pair"):
-    """A tied two-LSTM model with dropout ending in tied_affine + softmax_loss: every kind of op a step
-    runs; with the "adaptive" output, an LSTM with dropout ending in the adaptive softmax (a head of 4
-    words and two clusters); with "fused", the tied model as the preset gives it, ending in the fused
-    affine_softmax_loss, here in chunks of at most 5 of the 12 rows (three of 4)."""
+def specs(output="full"):
+    """A tied two-LSTM model with dropout: every kind of op a step runs; with the "adaptive" output, an
+    LSTM with dropout ending in the adaptive softmax (a head of 4 words and two clusters); with "fused",
+    the tied model ending in the fused affine_softmax_loss, in chunks of at most 5 of the 12 rows (three of 4)."""
     if output == "adaptive":
         return preset_specs("rnnlm", wordvec_size=6, hidden_size=8, dropout=0.3, output_layer="adaptive",
                             cutoffs=[4, 8], div_value=2.0)
     tied = preset_specs("better-rnnlm", wordvec_size=6, hidden_size=6, dropout=0.3)
     if output == "fused":
-        return tied[:-1] + [{**tied[-1], "chunk_rows": 5}]
-    return tied[:-1] + [{"type": "tied_affine", "tie_to": "embedding"}, {"type": "softmax_loss"}]
+        return tied[:-2] + [{"type": "affine_softmax_loss", "tie_to": "embedding", "chunk_rows": 5}]
+    return tied
 
 
 def batches(count, seed=0):
@@ -41,7 +40,7 @@ def batches(count, seed=0):
             for _ in range(count)]
 
 
-def trainer(backend, registry, graph=True, output="pair", **options):
+def trainer(backend, registry, graph=True, output="full", **options):
     model = Model(specs(output), V, backend, registry, seed=3)
     return Trainer(model, Adam(lr=0.01), None, TrainConfig(batch_size=B, time_size=T, clip=0.5, cuda_graph=graph),
                    **options)
@@ -155,7 +154,7 @@ def test_eager_and_captured_work_share_the_backends_one_stream(registry):
 
 
 @requires_gpu
-@pytest.mark.parametrize("output", ["pair", "adaptive", "fused"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "fused"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
 def test_cupy_training_steps_equal_numpy(registry, dtype, tol, output):
     data = batches(6)
@@ -166,7 +165,7 @@ def test_cupy_training_steps_equal_numpy(registry, dtype, tol, output):
 
 
 @requires_gpu
-@pytest.mark.parametrize("output", ["pair", "adaptive", "fused"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "fused"])
 def test_the_cuda_graph_step_equals_the_eager_step_bit_for_bit(registry, output):
     data = batches(8)
     eager = run(trainer(get_backend("cupy", "float64"), registry, graph=False, output=output), data)
@@ -195,7 +194,7 @@ def test_a_resumed_gpu_run_with_dropout_is_bit_identical(registry):
 
 
 @requires_gpu
-@pytest.mark.parametrize("output", ["pair", "adaptive", "fused"])
+@pytest.mark.parametrize("output", ["full", "adaptive", "fused"])
 def test_evaluation_through_the_cuda_graph_equals_the_eager_one_bit_for_bit(registry, output):
     from gpurnn.train.evaluate import perplexity
 
