@@ -120,13 +120,19 @@ def make_version_1(path):
         f.attrs["meta"] = json.dumps(meta)
 
 
-def test_version_1_files_still_evaluate_and_resume_bit_identically(capsys, tmp_path):
+def full_and_part(tmp_path):
+    """(train command, full, part): a tied LSTM trained 30 iterations into `full`, 12 into `part`."""
     common = ["--backend", "numpy", "train", "--quiet", "--model-config", str(tmp_path / "m.toml"),
               "--optimizer", "adam", "--lr", "0.01"]
     (tmp_path / "m.toml").write_text(TIED_LSTM)
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
     assert main([*common, "--max-iters", "30", "--checkpoint", str(full)]) == 0
     assert main([*common, "--max-iters", "12", "--checkpoint", str(part)]) == 0
+    return common, full, part
+
+
+def test_version_1_files_still_evaluate_and_resume_bit_identically(capsys, tmp_path):
+    common, full, part = full_and_part(tmp_path)
     make_version_1(part)
     assert main(["--backend", "numpy", "generate", str(part), "--length", "3"]) == 0
     assert main([*common, "--max-iters", "30", "--checkpoint", str(part), "--resume"]) == 0
@@ -152,12 +158,7 @@ def make_before_tied_affine(path):
 
 
 def test_files_from_before_tied_affine_evaluate_and_resume_bit_identically(capsys, tmp_path):
-    common = ["--backend", "numpy", "train", "--quiet", "--model-config", str(tmp_path / "m.toml"),
-              "--optimizer", "adam", "--lr", "0.01"]
-    (tmp_path / "m.toml").write_text(TIED_LSTM)
-    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
-    assert main([*common, "--max-iters", "30", "--checkpoint", str(full)]) == 0
-    assert main([*common, "--max-iters", "12", "--checkpoint", str(part)]) == 0
+    _, full, part = full_and_part(tmp_path)
     make_before_tied_affine(part)
     old = load_checkpoint(part)
     assert {"type": "tied_affine", "tie_to": "embedding", "name": "affine"} in old.meta["specs"]
