@@ -113,7 +113,7 @@ def softmax_cross_entropy(x2, t, ignore, buffer):
         count = np.maximum(valid.sum(), 1).astype(x2.dtype)
         return (nll * valid).sum() / count, ("numpy", buffer, inv_sum, rows, target, valid, outside, count)
     x2, t = xp.ascontiguousarray(x2), xp.ascontiguousarray(t, dtype=xp.int32)
-    lse, nll = _device_rows(x2, t, ignore)
+    lse, nll = device_softmax_rows(x2, t, ignore)
     loss, count = xp.empty((), x2.dtype), xp.empty(1, x2.dtype)
     n = x2.shape[0]
     launch("softmax_loss_total", x2.dtype, n, (nll, t, np.int32(ignore), np.int64(n), loss, count), blocks=1)
@@ -128,7 +128,7 @@ def softmax_nll(x2, t, ignore):
         nll, _, _, _, valid, _ = _numpy_rows(x2, t, ignore, None)
         nll[~valid] = 0
         return nll
-    return _device_rows(xp.ascontiguousarray(x2), xp.ascontiguousarray(t, dtype=xp.int32), ignore)[1]
+    return device_softmax_rows(xp.ascontiguousarray(x2), xp.ascontiguousarray(t, dtype=xp.int32), ignore)[1]
 
 
 def _numpy_rows(x2, t, ignore, buffer):
@@ -157,11 +157,13 @@ def _numpy_rows(x2, t, ignore, buffer):
     return nll, inv_sum, rows, target, valid, outside
 
 
-def _device_rows(x2, t, ignore):
-    """CuPy: one kernel launch, a block per row: (log-sum-exp, nll) per row."""
+def device_softmax_rows(x2, t, ignore, lse=None, nll=None):
+    """CuPy: one kernel launch, a block per row: (log-sum-exp, nll) per row, into `lse` and `nll` where
+    given (fixed buffers, for a step captured as a graph), else into new arrays. x2 and t contiguous."""
     xp = array_module(x2)
     n = x2.shape[0]
-    lse, nll = xp.empty(n, x2.dtype), xp.empty(n, x2.dtype)
+    lse = xp.empty(n, x2.dtype) if lse is None else lse
+    nll = xp.empty(n, x2.dtype) if nll is None else nll
     launch("softmax_rows", x2.dtype, n, (x2, t, np.int32(ignore), lse, nll, np.int64(n), np.int32(x2.shape[1])),
            blocks=grid_blocks(n, threads=1))  # a block per row (one for none), row-stride past 65,535
     return lse, nll

@@ -19,9 +19,9 @@ import numpy as np
 
 from ..backend import array_module
 from .adaptive import head_logits, log_softmax
-from .kernels import dtype_scalar, grid_blocks, launch
+from .kernels import dtype_scalar, launch
 from .linear import column_sums, matmul
-from .losses import softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll
+from .losses import device_softmax_rows, softmax_cross_entropy, softmax_cross_entropy_backward, softmax_nll
 from .threads import ROW_BLOCK
 
 DEFAULT_CACHE_BYTES = 32 << 20  # where the machine does not say: a server CPU's L3, a data-centre GPU's L2
@@ -85,12 +85,11 @@ def output_loss(x2, t, W, b, ignore, rows, work, grads=None):
             if grads is not None:
                 softmax_cross_entropy_backward(cache, scale)
         else:
-            args = (zc, t[lo:hi], np.int32(ignore))
-            launch("softmax_rows", zc.dtype, hi - lo, args + (lse[lo:hi], nll[lo:hi], np.int64(hi - lo), np.int32(V)),
-                   blocks=grid_blocks(hi - lo, threads=1))
+            device_softmax_rows(zc, t[lo:hi], ignore, lse[lo:hi], nll[lo:hi])
             if grads is not None:
-                launch("softmax_backward", zc.dtype, zc.size, args + (lse[lo:hi], count, dtype_scalar(zc, 1.0), zc,
-                                                                      np.int64(zc.size), np.int32(V)))
+                launch("softmax_backward", zc.dtype, zc.size, (zc, t[lo:hi], np.int32(ignore), lse[lo:hi], count,
+                                                               dtype_scalar(zc, 1.0), zc, np.int64(zc.size),
+                                                               np.int32(V)))
         if grads is not None:
             add_chunk_grads(x2[lo:hi], zc, W, grads, lo, hi, k == 0, work)
     if xp is np:

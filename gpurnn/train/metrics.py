@@ -131,7 +131,7 @@ def _readable_records(path):
     """The records of the metrics file at `path`, or None where it is not one we can read."""
     try:
         records = read_records(path)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return records if all(isinstance(r, dict) for r in records) else None
 
