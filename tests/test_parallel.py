@@ -13,13 +13,16 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from gpurnn.train import parallel
 from gpurnn.train.checkpoint import load_checkpoint
+from gpurnn.train.trainer import Trainer
 from tests.conftest import requires_gpu, write_small_corpus
 
 TESTS = Path(__file__).parent
@@ -157,6 +160,24 @@ def test_ctrl_c_while_mpi_starts_ends_every_rank_once_the_group_exists(monkeypat
     parallel.on_every_rank(lambda: pytest.fail("the command ran"))()
     assert [type(exc) for exc in ended] == [KeyboardInterrupt]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler again
+
+
+def test_a_stop_signal_during_training_on_many_ranks_ends_the_job_even_inside_a_weakref_callback():
+    """A Ctrl-C can arrive while Python runs a weakref callback, which ignores any exception it raises (it
+    prints 'Exception ignored' with a traceback): the handler ends the job itself instead of raising."""
+    group, ended, released = parallel.Group(), [], []
+    group.size, group.end_job = 2, ended.append
+    trainer = Trainer.__new__(Trainer)
+    trainer.group, trainer.lock = group, SimpleNamespace(release=lambda: released.append(True))
+
+    class Target:
+        pass
+
+    target = Target()
+    watch = weakref.ref(target, lambda ref: trainer._request_stop(signal.SIGINT, None))
+    del target  # the callback runs now, as a collection's would
+    assert watch() is None
+    assert [type(exc) for exc in ended] == [KeyboardInterrupt] and released == [True]
 
 
 @pytest.mark.parametrize("variable", ["MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"])  # MPICH's, Open MPI's

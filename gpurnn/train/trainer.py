@@ -173,8 +173,12 @@ class Trainer:
             self.lock.release()
 
     def _request_stop(self, signum, frame):
-        if self.group.size > 1:  # many ranks cannot agree on where to stop: stop at once
-            raise KeyboardInterrupt
+        if self.group.size > 1:
+            # Many ranks cannot agree on where to stop: end the job here and now. Raising
+            # KeyboardInterrupt instead could land in a weakref callback or __del__, where Python
+            # prints it as ignored and the rank runs on.
+            self.release_lock()
+            return self.group.end_job(KeyboardInterrupt())  # MPI_Abort: does not come back
         if self._stop_signal is None:  # stop after this iteration, with a checkpoint
             self._stop_signal = signum
         elif self._saving:  # a second signal: stop as soon as the save in progress is complete
