@@ -107,6 +107,17 @@ def test_the_direct_cublas_gemm_equals_cupy_matmul_in_every_layout(dtype):
 
 
 @requires_gpu
+def test_the_accumulating_cublas_gemm_adds_to_out_in_every_layout():
+    backend = get_backend("cupy", "float64")
+    cupy, rng = backend.xp, np.random.default_rng(3)
+    for a, b in layouts(cupy, rng, "float64"):
+        start = rng.standard_normal(cupy.matmul(a, b).shape)
+        for out in (cupy.asarray(start), cupy.asarray(start.T).T):  # C-ordered, and a transposed view
+            assert ops.matmul(a, b, out=out, accumulate=True) is out
+            np.testing.assert_allclose(out.get(), start + cupy.matmul(a, b).get(), rtol=1e-12)
+
+
+@requires_gpu
 def test_gemms_and_kernels_captured_together_replay_what_they_compute_eagerly():
     backend = get_backend("cupy", "float32")
     cupy, rng = backend.xp, np.random.default_rng(3)

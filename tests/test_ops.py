@@ -222,3 +222,18 @@ def test_every_family_module_registers_its_kernels():
         written += re.findall(r'^KERNELS\["(\w+)"\]', source.read_text(), flags=re.M)
     assert len(written) == len(set(written))
     assert sorted(written) == sorted(ops.KERNELS)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6)])  # blocks of columns, blocks of rows
+def test_an_accumulating_matmul_adds_to_out_block_by_block(monkeypatch, shape):
+    monkeypatch.setattr(ops.linear, "ADD_BLOCK_ELEMENTS", 16)  # several blocks, the last a short one
+    m, n = shape
+    a, b = RNG.standard_normal((9, m)).T, RNG.standard_normal((n, 9)).T  # transposed views, as dW's operands
+    start = RNG.standard_normal((m, n))
+    for out in (start.copy(), start.T.copy().T):
+        assert ops.matmul(a, b, out=out, accumulate=True) is out
+        np.testing.assert_allclose(out, start + a @ b, rtol=1e-12)
+    row, into = RNG.standard_normal(9), RNG.standard_normal(n)
+    np.testing.assert_allclose(ops.matmul(row, b, out=into.copy(), accumulate=True), into + row @ b, rtol=1e-12)
+    with pytest.raises(ValueError, match="accumulate adds to out"):
+        ops.matmul(a, b, accumulate=True)

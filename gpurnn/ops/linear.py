@@ -35,16 +35,33 @@ STATUS = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_
 _REALS = {"float32": ("cublasSgemm_v2", ctypes.c_float), "float64": ("cublasDgemm_v2", ctypes.c_double)}
 
 
-def matmul(a, b, out=None):
+# out += a @ b on NumPy goes through a buffer of at most this many numbers (a core's cache), a block
+# of out's rows or columns at a time: no second out-sized array is made, written and read again.
+ADD_BLOCK_ELEMENTS = 1 << 18
+
+
+def matmul(a, b, out=None, accumulate=False):
     """a @ b (into `out` when given) for a 2-D `b` and a 2-D or 1-D (one row) `a`; either may be a
-    transposed view.
+    transposed view. With accumulate, out += a @ b (a gradient summed over chunks).
 
     Every layer's product goes through here, so there is one place that decides how a GEMM runs on
     each backend.
     """
-    if isinstance(a, np.ndarray):
+    if accumulate and out is None:
+        raise ValueError("matmul: accumulate adds to out, which is missing")
+    if not isinstance(a, np.ndarray):
+        return cublas_matmul(a, b, out, accumulate)
+    if not accumulate:
         return np.matmul(a, b, out=out)
-    return cublas_matmul(a, b, out)
+    if out.ndim == 1 or out.shape[0] < out.shape[1]:  # blocks of columns
+        width = max(1, ADD_BLOCK_ELEMENTS // max(1, a.shape[0] if a.ndim == 2 else 1))
+        for lo in range(0, out.shape[-1], width):
+            out[..., lo:lo + width] += np.matmul(a, b[:, lo:lo + width])
+        return out
+    height = max(1, ADD_BLOCK_ELEMENTS // out.shape[1])  # blocks of rows
+    for lo in range(0, out.shape[0], height):
+        out[lo:lo + height] += np.matmul(a[lo:lo + height], b)
+    return out
 
 
 def column_sums(a, out):
@@ -53,8 +70,9 @@ def column_sums(a, out):
     return matmul(ones(a.shape[0], a.dtype), a, out=out)
 
 
-def cublas_matmul(a, b, out=None):
-    """`matmul` for CuPy arrays of one float type: one cuBLAS GEMM on CuPy's current stream."""
+def cublas_matmul(a, b, out=None, accumulate=False):
+    """`matmul` for CuPy arrays of one float type: one cuBLAS GEMM on CuPy's current stream (adding
+    to `out`, beta = 1, with accumulate)."""
     cupy = _cupy()
     a2 = a.reshape(1, -1) if a.ndim == 1 else a
     if a2.ndim != 2 or b.ndim != 2 or a2.shape[1] != b.shape[0]:
@@ -68,12 +86,12 @@ def cublas_matmul(a, b, out=None):
         out = cupy.empty(shape, a.dtype)
     elif out.shape != shape or out.dtype != a.dtype:
         raise ValueError(f"matmul: out is {out.dtype} {out.shape}, the product {a.dtype} {shape}")
-    c = out if out.flags.c_contiguous else cupy.empty(shape, a.dtype)
+    c = out if out.flags.c_contiguous else (cupy.ascontiguousarray if accumulate else cupy.empty_like)(out)
     (op_a, ld_a, a2), (op_b, ld_b, b) = _operand(cupy, a2), _operand(cupy, b)
     name, real = _REALS[a.dtype.name]
-    one, zero = real(1), real(0)
+    one, beta = real(1), real(1 if accumulate else 0)
     _check(getattr(_cublas(), name)(_handle(), op_b, op_a, n, m, k, ctypes.byref(one), b.data.ptr, ld_b,
-                                    a2.data.ptr, ld_a, ctypes.byref(zero), c.data.ptr, max(1, n)), name)
+                                    a2.data.ptr, ld_a, ctypes.byref(beta), c.data.ptr, max(1, n)), name)
     if c is not out:
         out[...] = c
     return out

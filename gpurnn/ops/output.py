@@ -44,11 +44,18 @@ def _size(text):
     return int(text.rstrip("KM")) * scale
 
 
+# The fewest rows a chunk has by default. dW is summed over the chunks by GEMMs whose inner dimension
+# is the chunk's rows: on a 2-core EPYC the fused layer trained PTB's 700 rows at the pair's speed in
+# one chunk, 0.92x in two of 350 and 0.75x in eleven of 64 (`scripts/bench_output.py --chunk-rows`).
+MIN_CHUNK_ROWS = 1024
+
+
 def default_chunk_rows(vocab_size, dtype, xp):
-    """Rows per chunk: the logits of a chunk fill at most half the cache (the other half keeps the
-    features and the weight's panel the GEMM streams), in whole blocks of ROW_BLOCK rows, at least one."""
+    """Rows per chunk: MIN_CHUNK_ROWS, or more where that many rows' logits fill less than half the
+    cache (the other half keeps the features and the weight's panel the GEMM streams), in whole
+    blocks of ROW_BLOCK rows."""
     rows = cache_bytes(xp) // 2 // (vocab_size * np.dtype(dtype).itemsize)
-    return max(ROW_BLOCK, rows // ROW_BLOCK * ROW_BLOCK)
+    return max(MIN_CHUNK_ROWS, rows // ROW_BLOCK * ROW_BLOCK)
 
 
 def chunks(n, rows):
@@ -111,7 +118,7 @@ def add_chunk_grads(xc, g, W, grads, lo, hi, first, work):
         matmul(lhs, rhs, out=target)
         column_sums(g, db)
         return
-    target += matmul(lhs, rhs, out=work.get(xp, "dW", target.shape, g.dtype))
+    matmul(lhs, rhs, out=target, accumulate=True)
     db += column_sums(g, work.get(xp, "db", db.shape, g.dtype))
 
 
