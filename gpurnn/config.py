@@ -118,7 +118,8 @@ class ModelOptions:
                                     range=PROBABILITY)
     tie_weights: bool | None = setting(None, "The output layer shares the embedding's table (needs D = H).", MODEL)
     output_layer: str | None = setting(
-        None, "full: affine and softmax over the vocabulary; adaptive: the adaptive softmax (needs --cutoffs).",
+        None, "full: affine and softmax over the vocabulary as one fused layer (no N x V logits); adaptive: the "
+              "adaptive softmax (needs --cutoffs).",
         MODEL, choices=OUTPUT_LAYERS)
     cutoffs: list[int] | None = setting(
         None, "Adaptive output: where the vocabulary (most frequent first) is cut into the head and the clusters, "

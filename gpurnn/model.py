@@ -1,10 +1,11 @@
 """A language model assembled from layer specs, and the specs of the named presets.
 
 A model is a list of layer specs whose last entry is a loss layer, e.g. the textbook's SimpleRnnlm:
-embedding -> rnn -> affine -> softmax_loss. Parameters and gradients are exposed by readable names
-(``rnn.Wh``); stateful layers carry their state between calls until `reset_state()`, each its own
-(a stack of recurrent layers carries one state per layer). A layer with ``tie_to`` shares the named
-layer's weight, which stays one parameter of that layer (see `Model.backward`).
+embedding -> rnn -> affine -> softmax_loss (the presets run its last two as one fused layer,
+affine_softmax_loss: the same numbers without the N x V logits). Parameters and gradients are exposed
+by readable names (``rnn.Wh``); stateful layers carry their state between calls until `reset_state()`,
+each its own (a stack of recurrent layers carries one state per layer). A layer with ``tie_to`` shares
+the named layer's weight, which stays one parameter of that layer (see `Model.backward`).
 
 All parameters live in one flat contiguous buffer (`flat_params`) and all gradients in another
 (`flat_grads`); each layer's `params` and `grads` are views into them. So the clip norm is one
@@ -32,8 +33,9 @@ def recurrent_lm(cell, wordvec_size, hidden_size, num_layers=1, dropout=None, ti
 
     With a dropout rate (None: no dropout layers), a dropout layer goes before, between and after the
     recurrent layers (Zaremba et al.); with tie_weights the output affine shares the embedding's table,
-    so wordvec_size must equal hidden_size. output_layer "full" is affine -> softmax loss; "adaptive"
-    is the adaptive softmax with `cutoffs` (and `div_value`, default 4), which cannot be tied.
+    so wordvec_size must equal hidden_size. output_layer "full" is affine + softmax loss as one fused
+    layer (`affine_softmax_loss`: the pair's numbers, no N x V logits); "adaptive" is the adaptive
+    softmax with `cutoffs` (and `div_value`, default 4), which cannot be tied.
     """
     drop = [] if dropout is None else [{"type": "dropout", "p": dropout}]
     specs = [{"type": "embedding", "size": wordvec_size}, *drop]
@@ -43,14 +45,13 @@ def recurrent_lm(cell, wordvec_size, hidden_size, num_layers=1, dropout=None, ti
 
 
 def output_specs(output_layer, tie_weights, cutoffs, div_value):
-    """The specs of a preset's output layer: affine -> softmax loss, or the adaptive softmax."""
+    """The specs of a preset's output layer: the fused affine + softmax loss, or the adaptive softmax."""
     if output_layer not in OUTPUT_LAYERS:
         raise SpecError(f"unknown output layer {output_layer!r}; choose {' or '.join(OUTPUT_LAYERS)}")
     if output_layer == "full":
         if cutoffs is not None or div_value is not None:
             raise SpecError("cutoffs and div_value apply only to the adaptive output layer (--output-layer adaptive)")
-        affine = {"type": "tied_affine", "tie_to": "embedding"} if tie_weights else {"type": "affine"}
-        return [affine, {"type": "softmax_loss"}]
+        return [{"type": "affine_softmax_loss", **({"tie_to": "embedding"} if tie_weights else {})}]
     if tie_weights:
         raise SpecError("tied weights are not supported with the adaptive output layer (it has no (V, D) "
                         "table to share with the embedding): use --no-tie-weights")
@@ -58,6 +59,27 @@ def output_specs(output_layer, tie_weights, cutoffs, div_value):
         raise SpecError("the adaptive output layer needs cutoffs, such as --cutoffs 2000,6000")
     options = {"div_value": div_value} if div_value is not None else {}
     return [{"type": "adaptive_softmax_loss", "cutoffs": list(cutoffs), **options}]
+
+
+PAIR_OPTIONS = {"affine": {"type", "init"}, "tied_affine": {"type", "tie_to"}}
+
+
+def fused_output(specs):
+    """`specs` with a closing affine (or tied_affine) + softmax_loss written as the one fused layer that
+    computes the same numbers from the same parameters, `affine_softmax_loss`: for telling whether two
+    lists describe one model, such as a preset's and that of a checkpoint written while the presets
+    ended in the pair. Any other list (a named layer, an output size) comes back as it is."""
+    specs = list(specs)
+    if len(specs) < 2 or not all(isinstance(spec, dict) for spec in specs[-2:]):
+        return specs
+    affine, loss = specs[-2:]
+    kind = affine.get("type")
+    if (kind not in PAIR_OPTIONS or set(affine) - PAIR_OPTIONS[kind] or loss.get("type") != "softmax_loss"
+            or set(loss) - {"type", "ignore_index"}):
+        return specs
+    tie = {"tie_to": affine.get("tie_to", "embedding")} if kind == "tied_affine" else {}
+    options = {key: value for key, value in {**affine, **loss}.items() if key != "type"}
+    return specs[:-2] + [{"type": "affine_softmax_loss", **options, **tie}]
 
 
 def preset_specs(name, **options):
@@ -233,7 +255,8 @@ class Model:
 
     def predict(self, xs):
         """What the loss layer reads for token ids xs (B, T): logits (B, T, V) for `softmax_loss`, the
-        last features (B, T, D) for `adaptive_softmax_loss`; carries the recurrent state like forward."""
+        last features (B, T, D) for `affine_softmax_loss` (the presets') and `adaptive_softmax_loss`;
+        carries the recurrent state like forward."""
         x = xs
         for layer in self.layers[:-1]:
             x = layer.forward(x)

@@ -13,8 +13,8 @@ reached (the model's matmul FLOPs at the measured sgemm rate plus the softmax pa
 memory bandwidth); --json writes everything with the machine's description.
 
 `large-vocab` is WikiText-103's vocabulary size (V = 267,735) on a synthetic Zipf corpus (exponent
-1, made here in memory), an LSTM 1 x 512: measured twice, with the full softmax (affine +
-softmax_loss, beside PyTorch's Linear + cross_entropy) and with the adaptive softmax (cutoffs 20000,
+1, made here in memory), an LSTM 1 x 512: measured twice, with the full softmax (the presets'
+fused affine_softmax_loss, beside PyTorch's Linear + cross_entropy) and with the adaptive softmax (cutoffs 20000,
 60000, 200000, div_value 4, beside PyTorch's nn.AdaptiveLogSoftmaxWithLoss with the same cutoffs
 and sizes), then the adaptive rows' speed-up over the full ones. The other configs use PTB's shapes
 with uniformly drawn ids.

@@ -103,6 +103,9 @@ def logits(path, ids):
             x = x @ W + p["b"][0]
         elif kind == "softmax_loss":
             return x
+        elif kind == "affine_softmax_loss":  # the fused output layer: affine's W and b (tied: b only)
+            W = p["W"][0] if "tie_to" not in spec else params[f"{spec['tie_to']}.W"][0].T
+            return x @ W + p["b"][0]
         elif kind == "adaptive_softmax_loss":
             return adaptive_log_prob(p, spec["cutoffs"], meta["vocab_size"], x)
         elif kind != "dropout":  # dropout is the identity outside training

@@ -8,6 +8,7 @@ import numpy as np
 
 from gpurnn.backend import get_backend
 from gpurnn.data import prepare_corpus
+from gpurnn.model import Model
 from gpurnn.registry import Registry
 from gpurnn.train.checkpoint import load_checkpoint, save_checkpoint
 from gpurnn.train.job import model_from_checkpoint
@@ -86,6 +87,25 @@ def gpurnn_model(ck, kind=None):
     """The model of checkpoint `ck` (of model `kind`) on NumPy (float32), in evaluation mode."""
     registry = Registry(plugins=plugins_of(kind)[1:])
     return model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), registry)
+
+
+def unfused_twin(model, registry=None):
+    """A model whose `predict` gives `model`'s logits: where `model` ends in the fused output layer
+    (whose `predict` gives the last features), the affine (or tied_affine) + softmax_loss model holding
+    its parameters (its flat buffer's layout is the same); any other model itself."""
+    if model.specs[-1]["type"] != "affine_softmax_loss":
+        return model
+    twin = Model(unfused_specs(model.specs), model.vocab_size, model.backend, registry or Registry()).eval()
+    twin.flat_params[...] = model.flat_params
+    return twin
+
+
+def unfused_specs(specs):
+    """`specs` (ending in the fused output layer, as the presets do) with affine (tied: tied_affine) +
+    softmax_loss in its place: the layers the presets had before they used the fused one."""
+    fused = specs[-1]
+    affine = {"type": "tied_affine", "tie_to": fused["tie_to"]} if "tie_to" in fused else {"type": "affine"}
+    return [*specs[:-1], affine, {"type": "softmax_loss"}]
 
 
 def relative_difference(a, b):

@@ -17,6 +17,7 @@ from gpurnn.model import Model, preset_specs
 from gpurnn.testing import check_layer, check_model_gradients
 from gpurnn.train.evaluate import lanes_for, perplexity
 
+from .exportkit import unfused_specs, unfused_twin
 from .test_train import in_tmp_path, run  # noqa: F401  (a fixture)
 
 V, CUTOFFS = 40, [6, 16, 30]  # a head of 6 words and 3 clusters of 10, 14 and 10
@@ -148,10 +149,13 @@ def test_evaluation_blocks_are_sized_by_what_the_layer_holds(registry, np64, mon
     assert lanes_for(model, 10_000, 20, 4) == 5
 
 
-def test_log_prob_of_a_full_softmax_model_is_the_normalised_logits(registry, np64, rng):
-    model = Model(preset_specs("rnnlm", wordvec_size=4, hidden_size=5), V, np64, registry)
+@pytest.mark.parametrize("fused", [False, True])
+def test_log_prob_of_a_full_softmax_model_is_the_normalised_logits(registry, np64, rng, fused):
+    """softmax_loss's log_prob (of the affine's logits), and the preset's fused layer's."""
+    specs = preset_specs("rnnlm", wordvec_size=4, hidden_size=5)
+    model = Model(specs if fused else unfused_specs(specs), V, np64, registry)
     xs = rng.integers(0, V, (2, 3))
-    logits = model.predict(xs)
+    logits = unfused_twin(model, registry).predict(xs)
     model.reset_state()
     expected = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
     np.testing.assert_allclose(model.log_prob(xs), expected, rtol=1e-12)

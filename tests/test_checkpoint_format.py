@@ -13,10 +13,13 @@ import pytest
 from gpurnn.backend import get_backend
 from gpurnn.cli import main
 from gpurnn.contract import GENERIC_LAYOUT
-from gpurnn.model import Model
+from gpurnn.model import Model, preset_specs
 from gpurnn.registry import Registry
 from gpurnn.train.checkpoint import load_checkpoint
 from gpurnn.train.job import model_from_checkpoint
+
+from .exportkit import model_config, unfused_specs, unfused_twin
+from .test_adaptive_softmax import demo_corpus_file
 
 READER = Path(__file__).parent / "checkpoint_reader.py"
 TIED_LSTM = """
@@ -48,9 +51,10 @@ def train(capsys, tmp_path, *model):
     return ck
 
 
-@pytest.mark.parametrize("model", ["simple-rnnlm", "rnnlm", "tied-lstm", "adaptive"])
+@pytest.mark.parametrize("model", ["simple-rnnlm", "rnnlm", "better-rnnlm", "tied-lstm", "adaptive"])
 def test_logits_rebuilt_with_h5py_alone_match_gpurnn(capsys, tmp_path, model):
-    """Logits, or for the adaptive softmax the log-distribution (`Model.log_prob`)."""
+    """Logits, or for the adaptive softmax the log-distribution (`Model.log_prob`). The presets end in
+    the fused output layer (tied in better-rnnlm), tied-lstm in tied_affine + softmax_loss."""
     if model == "tied-lstm":
         (tmp_path / "m.toml").write_text(TIED_LSTM)
         options = ["--model-config", str(tmp_path / "m.toml")]
@@ -67,7 +71,7 @@ def test_logits_rebuilt_with_h5py_alone_match_gpurnn(capsys, tmp_path, model):
                     str(READER), str(ck), str(tmp_path / "ids.npy"), str(tmp_path / "out.npy")], check=True)
     outside = np.load(tmp_path / "out.npy")
     loaded = model_from_checkpoint(load_checkpoint(ck), get_backend("numpy"), Registry())
-    gpurnn = loaded.log_prob(ids) if model == "adaptive" else loaded.predict(ids)
+    gpurnn = loaded.log_prob(ids) if model == "adaptive" else unfused_twin(loaded).predict(ids)
     assert outside.shape == gpurnn.shape == (3, 6, 418)
     np.testing.assert_allclose(outside, gpurnn, rtol=1e-4, atol=1e-5)
 
@@ -170,3 +174,34 @@ def test_files_from_before_tied_affine_evaluate_and_resume_bit_identically(capsy
     np.testing.assert_array_equal(a.params.pop("tied_affine.b"), b.params.pop("affine.b"))
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
+@pytest.mark.parametrize("preset", ["rnnlm", "better-rnnlm"])
+def test_checkpoints_of_the_presets_with_affine_and_softmax_loss_evaluate_generate_and_resume(capsys, tmp_path,
+                                                                                              preset):
+    """Before the presets ended in the fused output layer they ended in affine (better-rnnlm: tied_affine)
+    + softmax_loss: such a checkpoint keeps its layers and names, evaluates, generates, and resumes bit
+    for bit, also with the preset's options given again (which now mean the fused layer: the same numbers)."""
+    sizes = {"wordvec_size": 8, "hidden_size": 8}
+    (tmp_path / "m.toml").write_text(model_config(unfused_specs(preset_specs(preset, **sizes))))
+    common = ["--backend", "numpy", "train", "--quiet", "--optimizer", "adam", "--lr", "0.01"]
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    for path, iters in ((full, "30"), (part, "12")):
+        assert main([*common, "--model-config", str(tmp_path / "m.toml"), "--max-iters", iters,
+                     "--checkpoint", str(path)]) == 0
+    old = load_checkpoint(part)
+    assert old.meta["specs"][-1] == {"type": "softmax_loss"}
+    assert ({"affine.W", "affine.b"} if preset == "rnnlm" else {"tied_affine.b"}) <= set(old.params)
+    capsys.readouterr()
+    assert main(["--backend", "numpy", "eval", str(part), str(demo_corpus_file(tmp_path)), "--split", "train",
+                 "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["perplexity"])
+    assert main(["--backend", "numpy", "generate", str(part), "--length", "3"]) == 0
+    options = ["--model", preset, "--wordvec-size", "8", "--hidden-size", "8"]
+    assert main([*common, *options, "--max-iters", "30", "--checkpoint", str(part), "--resume"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert b.meta["specs"] == a.meta["specs"] and list(b.params) == list(a.params)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    assert main([*common, *options, "--num-layers", "3", "--max-iters", "31", "--checkpoint", str(part), "--resume"]) == 2
+    assert "contradict the checkpoint's model" in capsys.readouterr().err

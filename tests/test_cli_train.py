@@ -176,11 +176,11 @@ def test_preset_options_build_the_model(capsys):
             "--wordvec-size", "8", "--hidden-size", "8", "--max-iters", "2", "--checkpoint", "ck.h5"]
     assert run(capsys, *args)[0] == 0
     assert [s["type"] for s in saved_config()[1]] == ["embedding", "dropout", "lstm", "dropout", "lstm", "dropout",
-                                                      "tied_affine", "softmax_loss"]
-    assert saved_config()[1][1]["p"] == 0.2 and saved_config()[1][-2]["tie_to"] == "embedding"
+                                                      "affine_softmax_loss"]
+    assert saved_config()[1][1]["p"] == 0.2 and saved_config()[1][-1]["tie_to"] == "embedding"
     assert run(capsys, *NUMPY_TRAIN, "--model", "better-rnnlm", "--no-tie-weights", "--wordvec-size", "8",
                "--hidden-size", "6", "--max-iters", "1", "--checkpoint", "b.h5")[0] == 0
-    assert "tie_to" not in saved_config("b.h5")[1][-2]
+    assert saved_config("b.h5")[1][-1] == {"type": "affine_softmax_loss"}
 
 
 @pytest.mark.parametrize("extra, names", [(["--hidden-size", "8"], "--hidden-size applies"),

@@ -87,41 +87,59 @@ def test_dropout_p_out_of_range_is_a_spec_error(registry, np64):
         dropout(registry, np64, 1.0)
 
 
-def tied_model(registry, backend, dropout=0.0, seed=0):
+def tied_model(registry, backend, dropout=0.0, seed=0, pair=False):
     """better-rnnlm, tiny; the embedding starts at N(0, 1) rather than N(0, 0.01^2), else the LSTMs'
-    weight gradients (~1e-6) fall below what central differences resolve."""
+    weight gradients (~1e-6) fall below what central differences resolve. pair: its output as the two
+    layers tied_affine + softmax_loss, in place of the preset's fused affine_softmax_loss."""
     specs = preset_specs("better-rnnlm", wordvec_size=4, hidden_size=4, dropout=dropout)
     specs[0]["init"] = "normal:1"
+    if pair:
+        specs[-1:] = [{"type": "tied_affine", "tie_to": "embedding"}, {"type": "softmax_loss"}]
     return Model(specs, V, backend, registry, seed=seed)
 
 
 def test_better_rnnlm_layers_and_the_tied_weight_stored_once(registry, np64):
     model = tied_model(registry, np64)
-    assert model.names == ["embedding", "dropout1", "lstm1", "dropout2", "lstm2", "dropout3", "tied_affine",
-                           "softmax_loss"]
+    assert model.names == ["embedding", "dropout1", "lstm1", "dropout2", "lstm2", "dropout3", "affine_softmax_loss"]
+    assert model.specs[-1] == {"type": "affine_softmax_loss", "tie_to": "embedding"}
+    assert "affine_softmax_loss.W" not in model.params and "affine_softmax_loss.W" not in model.grads
+    assert {"embedding.W", "affine_softmax_loss.b", "lstm1.Wh", "lstm2.Wh"} <= set(model.params)
+    weight, _ = model.layers[-1]._weight()
+    assert np.shares_memory(weight, model.params["embedding.W"]) and weight.shape == (4, V)
+
+
+def test_the_two_layer_tied_output_stores_the_weight_once(registry, np64):
+    model = tied_model(registry, np64, pair=True)
+    assert model.names[-2:] == ["tied_affine", "softmax_loss"]
     assert "tied_affine.W" not in model.params and "tied_affine.W" not in model.grads
-    assert {"embedding.W", "tied_affine.b", "lstm1.Wh", "lstm2.Wh"} <= set(model.params)
+    assert {"embedding.W", "tied_affine.b"} <= set(model.params)
     affine = model.layers[model.names.index("tied_affine")]
     assert np.shares_memory(affine.W, model.params["embedding.W"])
     assert affine.W.shape == (4, V)
 
 
-def test_tied_gradient_is_the_sum_of_both_uses(registry, np64, rng):
-    """Tied: embedding.W's gradient equals the untied model's embedding.W + affine.W^T gradients."""
-    tied = tied_model(registry, np64)
+@pytest.mark.parametrize("pair", [False, True])
+def test_tied_gradient_is_the_sum_of_both_uses(registry, np64, rng, pair):
+    """Tied: embedding.W's gradient equals the untied model's embedding.W + output W^T gradients (the
+    fused output layer, or the pair with affine)."""
+    tied = tied_model(registry, np64, pair=pair)
     untied_specs = [dict(s) for s in tied.specs]
-    untied_specs[-2] = {"type": "affine"}
+    if pair:
+        untied_specs[-2] = {"type": "affine"}
+    else:
+        untied_specs[-1] = {"type": "affine_softmax_loss"}
+    out = "affine" if pair else "affine_softmax_loss"
     untied = Model(untied_specs, V, np64, registry)
     for k, v in tied.params.items():
         untied.params[k.replace("tied_affine.", "affine.")][...] = v
-    untied.params["affine.W"][...] = tied.params["embedding.W"].T
+    untied.params[f"{out}.W"][...] = tied.params["embedding.W"].T
     (xs, ts), = blocks(rng, count=1)
     for model in (tied, untied):
         model.forward(xs, ts)
         model.backward()
     np.testing.assert_allclose(tied.grads["embedding.W"],
-                               untied.grads["embedding.W"] + untied.grads["affine.W"].T, rtol=1e-12)
-    assert not np.allclose(untied.grads["affine.W"], 0) and not np.allclose(untied.grads["embedding.W"], 0)
+                               untied.grads["embedding.W"] + untied.grads[f"{out}.W"].T, rtol=1e-12)
+    assert not np.allclose(untied.grads[f"{out}.W"], 0) and not np.allclose(untied.grads["embedding.W"], 0)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -129,7 +147,7 @@ def test_two_lstm_tied_model_with_dropout_gradient_check(registry, np64, rng, mo
     model = tied_model(registry, np64, dropout=0.3)
     model.train(mode == "train")
     errors = check_model_gradients(model, blocks(rng))
-    assert "embedding.W" in errors and "affine.W" not in errors
+    assert "embedding.W" in errors and "affine_softmax_loss.W" not in errors
     assert max(errors.values()) < 1e-5
 
 

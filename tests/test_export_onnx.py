@@ -12,7 +12,7 @@ from gpurnn.export.onnx_graph import OPSET
 from gpurnn.train.checkpoint import load_checkpoint
 
 from .exportkit import EMBEDDING, EXAMPLE_PLUGIN, MODELS, PLUGIN_MODELS, all_checkpoints, gpurnn_model, \
-    plugins_of, random_checkpoint, relative_difference, tiny_corpus
+    plugins_of, random_checkpoint, relative_difference, tiny_corpus, unfused_twin
 from .faultkit import assert_one_line_error, cli, litter
 
 onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'gpurnn[onnx]')")
@@ -36,7 +36,9 @@ def exported(ck, folder, *plugin):
 
 def largest_logit_difference(model, path, blocks):
     """Run gpurnn and ONNX Runtime side by side over `blocks`, each starting from the states the one
-    before left (zeros first); the largest relative logit difference. Asserts the states agree."""
+    before left (zeros first); the largest relative logit difference. Asserts the states agree.
+    gpurnn's logits: for a model ending in the fused output layer, its unfused twin's."""
+    model = unfused_twin(model)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     state_names = [value.name for value in session.get_inputs()][1:]
     states = {name: np.zeros((blocks[0].shape[0], value.shape[1]), np.float32)

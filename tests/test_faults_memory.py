@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from gpurnn.memory import OutOfMemory, out_of_memory
+from gpurnn.model import preset_specs
 
+from .exportkit import model_config, unfused_specs
 from .faultkit import assert_no_traceback, assert_one_line_error, cli, litter
 
 LIMITED = """
@@ -47,24 +49,26 @@ def limited(*args):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """A corpus of 68,250 tokens over 5,002 distinct ones (so a (B, T) block's logits are large), and a
-    tiny model's checkpoint trained on it."""
+    """A corpus of 68,250 tokens over 5,002 distinct ones (so a (B, T) block's logits are large), a tiny
+    model's config whose output is affine + softmax_loss (which hold those logits: the presets' fused
+    output layer never does), and its checkpoint trained on it."""
     folder = tmp_path_factory.mktemp("wide")
     rng = random.Random(1)
     words = [f"w{i}" for i in range(5000)]
     tokens = words + [rng.choice(words) for _ in range(60000)]
     rng.shuffle(tokens)
     (folder / "text.txt").write_text("".join(" ".join(tokens[i:i + 20]) + "\n" for i in range(0, len(tokens), 20)))
-    corpus, ck = folder / "wide.h5", folder / "ck.h5"
+    corpus, ck, config = folder / "wide.h5", folder / "ck.h5", folder / "pair.toml"
     assert cli("prepare", folder / "text.txt", "--valid", folder / "text.txt", "-o", corpus)[0] == 0
-    code, _, err = cli("train", corpus, *TINY, "--batch-size", 4, "--time-size", 5, "--max-iters", 2,
-                       "--checkpoint", ck, "--quiet")
+    config.write_text(model_config(unfused_specs(preset_specs("simple-rnnlm", wordvec_size=8, hidden_size=8))))
+    code, _, err = cli("train", corpus, "--model-config", config, "--batch-size", 4, "--time-size", 5,
+                       "--max-iters", 2, "--checkpoint", ck, "--quiet")
     assert code == 0, err
-    return corpus, ck
+    return corpus, ck, config
 
 
 def test_small_sizes_run_under_the_same_limit(tmp_path, wide):
-    corpus, ck = wide
+    corpus, ck, _ = wide
     code, err = limited("train", corpus, *TINY, "--batch-size", 4, "--time-size", 5, "--max-iters", 2,
                         "--checkpoint", tmp_path / "ck.h5", "--quiet")
     assert code == 0, err
@@ -86,24 +90,32 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, hidden, array):
 
 
 def test_a_training_step_too_large_for_memory_is_one_line(tmp_path, wide):
-    corpus, _ = wide
-    code, err = limited("train", corpus, *TINY, "--batch-size", 50, "--time-size", 500, "--max-iters", 1,
-                        "--checkpoint", tmp_path / "ck.h5", "--quiet")
+    """The tiny model with affine + softmax_loss, whose (B x T, V) logits do not fit; the preset itself,
+    whose fused output layer holds one chunk of them at a time, trains and evaluates those sizes."""
+    corpus, _, config = wide
+    code, err = limited("train", corpus, "--model-config", config, "--batch-size", 50, "--time-size", 500,
+                        "--max-iters", 1, "--checkpoint", tmp_path / "ck.h5", "--quiet")
     assert_one_line_error(code, err, "out of host memory in a training step (B=50, T=500): 477.0 MiB "
                                      "(500,200,000 bytes) for a 25000 x 5002 float32 array; lower --batch-size, "
                                      "--time-size or --hidden-size")
     assert not (tmp_path / "ck.h5").exists() and litter(tmp_path) == []
     # The failed run left only its header: the same command with a smaller batch starts afresh there.
-    code, err = limited("train", corpus, *TINY, "--batch-size", 4, "--time-size", 5, "--max-iters", 1,
-                        "--checkpoint", tmp_path / "ck.h5", "--quiet")
+    code, err = limited("train", corpus, "--model-config", config, "--batch-size", 4, "--time-size", 5,
+                        "--max-iters", 1, "--checkpoint", tmp_path / "ck.h5", "--quiet")
     assert code == 0, err
     headers = [line for line in (tmp_path / "ck.metrics.jsonl").read_text().splitlines() if '"header"' in line]
     assert len(headers) == 1 and '"batch_size": 4' in headers[0]
+    code, err = limited("train", corpus, *TINY, "--batch-size", 50, "--time-size", 500, "--max-iters", 1,
+                        "--checkpoint", tmp_path / "fused.h5", "--quiet")
+    assert code == 0, err
+    code, err = limited("eval", tmp_path / "fused.h5", corpus, "--split", "valid", "--batch-size", 13,
+                        "--time-size", 500)
+    assert code == 0, err
 
 
 def test_a_checkpoint_too_large_to_build_in_memory_is_one_line_and_no_file(tmp_path, wide):
     """HDF5's in-memory file must not run out of room half-way (h5py would crash): it is claimed first."""
-    corpus, _ = wide
+    corpus, _, _ = wide
     ck = tmp_path / "ck.h5"
     code, err = limited("train", corpus, "--hidden-size", 8, "--wordvec-size", 3000, "--batch-size", 4,
                         "--time-size", 5, "--max-iters", 1, "--checkpoint", ck, "--quiet")
@@ -113,7 +125,7 @@ def test_a_checkpoint_too_large_to_build_in_memory_is_one_line_and_no_file(tmp_p
 
 
 def test_evaluation_buffers_too_large_for_memory_are_one_line(wide):
-    corpus, ck = wide
+    corpus, ck, _ = wide
     code, err = limited("eval", ck, corpus, "--split", "valid", "--batch-size", 13, "--time-size", 500)
     assert_one_line_error(code, err, "out of host memory evaluating 13 lanes of 500 tokens: 124.0 MiB "
                                      "(130,052,000 bytes) for a 6500 x 5002 float32 array; lower --batch-size or "
@@ -121,7 +133,7 @@ def test_evaluation_buffers_too_large_for_memory_are_one_line(wide):
 
 
 def test_too_many_samples_side_by_side_are_one_line(wide):
-    _, ck = wide
+    _, ck, _ = wide
     code, err = limited("generate", ck, "--num-samples", 100_000_000, "--length", 1)
     assert_one_line_error(code, err, "out of host memory sampling 100000000 texts side by side: 381.5 MiB "
                                      "(400,000,000 bytes) for a 100000000 x 1 int32 array; lower --num-samples")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import gpurnn.ops.output as fused_output
 import gpurnn_plugins.softmax_loss as softmax_loss
 
 from .faultkit import assert_one_line_error
@@ -23,7 +24,8 @@ NUMPY = ["--backend", "numpy"]
 
 @pytest.fixture
 def targets_seen(monkeypatch):
-    """Every call of the loss checks its targets; the list holds (targets, ignored) per call."""
+    """Every call of the loss checks its targets (softmax_loss's, and the fused output layer's, the
+    presets', once per chunk of rows); the list holds (targets, ignored) per call."""
     seen = []
     original = softmax_loss.softmax_cross_entropy
 
@@ -34,6 +36,7 @@ def targets_seen(monkeypatch):
         return original(x2, t, ignore, buffer)
 
     monkeypatch.setattr(softmax_loss, "softmax_cross_entropy", checked)
+    monkeypatch.setattr(fused_output, "softmax_cross_entropy", checked)
     return seen
 
 

@@ -108,7 +108,7 @@ def test_a_stack_of_two_lstms_carries_one_state_per_layer(registry, np64, rng):
 def test_rnnlm_preset_is_the_textbook_model(registry, rng):
     from gpurnn.backend import get_backend
     model = Model(preset_specs("rnnlm"), 1000, get_backend("numpy"), registry)
-    assert model.names == ["embedding", "lstm", "affine", "softmax_loss"]
+    assert model.names == ["embedding", "lstm", "affine_softmax_loss"]  # affine + softmax loss, fused
     assert model.params["lstm.Wx"].shape == (100, 400) and model.params["lstm.Wh"].shape == (100, 400)
     xs, ts = rng.integers(0, 1000, (10, 5)), rng.integers(0, 1000, (10, 5))
     assert float(model.forward(xs, ts)) == pytest.approx(np.log(1000), rel=0.01)

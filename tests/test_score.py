@@ -17,14 +17,19 @@ from gpurnn.score import sentences as score_module
 from gpurnn.score.command import Report
 from gpurnn.train.checkpoint import save_checkpoint
 
+from .exportkit import unfused_specs
+
 WORDS = "the cat dog sat ran on under a mat tree house".split()
 CHARS = list("abcdefgh ") + ["\n"]
-OUTPUTS = {"full": {}, "adaptive": {"output_layer": "adaptive", "cutoffs": [4, 8]}}
+OUTPUTS = {"full": {}, "pair": {}, "adaptive": {"output_layer": "adaptive", "cutoffs": [4, 8]}}
 
 
 def random_model(registry, vocab_size, output="full", dtype="float64", seed=3):
-    """An LSTM language model whose every parameter holds N(0, 0.5) draws."""
+    """An LSTM language model whose every parameter holds N(0, 0.5) draws; its output the preset's fused
+    layer (full), affine + softmax_loss (pair) or the adaptive softmax."""
     specs = preset_specs("rnnlm", wordvec_size=8, hidden_size=16, **OUTPUTS[output])
+    if output == "pair":
+        specs = unfused_specs(specs)
     model = Model(specs, vocab_size, get_backend("numpy", dtype=dtype), registry, seed=seed)
     rng = np.random.default_rng(seed)
     for value in model.params.values():
@@ -54,7 +59,7 @@ def one_at_a_time(model, vocab, text, level):
 
 
 @pytest.mark.parametrize("level", ["word", "char"])
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "pair", "adaptive"])
 @pytest.mark.parametrize("dtype, rtol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_batched_scores_equal_one_sentence_at_a_time(registry, level, output, dtype, rtol):
     """Lengths 1..200 shuffled into one input: buckets of mixed lengths, padded, back in input order."""
@@ -154,7 +159,7 @@ def test_no_eos_empty_sentences_and_oov(registry):
 def test_minus_infinity_is_null_and_flagged_in_json(registry):
     vocab = vocab_of("word")
     model = random_model(registry, len(vocab))
-    model.params["affine.b"][vocab.index["<eos>"]] = -np.inf  # <eos> can never follow
+    model.params["affine_softmax_loss.b"][vocab.index["<eos>"]] = -np.inf  # <eos> can never follow
     (score,) = score_sentences(model, vocab, ["the cat"])
     out = io.StringIO()
     Report(out, as_json=True, log_base="10", per_token=True).sentence(score)
@@ -353,7 +358,7 @@ def test_output_file_and_not_a_checkpoint(capsys, tmp_path, word_checkpoint):
     assert code == 2 and "give --nbest or --pairs, not both" in err
 
 
-@pytest.mark.parametrize("output", ["full", "adaptive"])
+@pytest.mark.parametrize("output", ["full", "pair", "adaptive"])
 def test_the_cupy_backend_scores_as_numpy_does(tmp_path, registry, output):
     """Through the stand-in for CuPy (tests/hostcupy): fixed bucket shapes, the kernels' per-row scores."""
     from .kernels_on_host import compiler

@@ -22,7 +22,7 @@ from gpurnn.ops.output import chunks, default_chunk_rows
 from gpurnn.testing import check_layer, check_model_gradients
 from gpurnn.train.optim import Adam
 
-from .exportkit import EMBEDDING, gpurnn_model, random_checkpoint, tiny_corpus
+from .exportkit import EMBEDDING, gpurnn_model, random_checkpoint, tiny_corpus, unfused_twin
 from .faultkit import cli
 
 V = 11
@@ -165,16 +165,6 @@ def trained(tmp_path_factory):
     return corpus, {tie: random_checkpoint(folder, f"fused{int(tie)}", corpus,
                                            [EMBEDDING, rnn, {"type": FUSED, **({"tie_to": "embedding"} if tie else {})}])
                     for tie in (False, True)}
-
-
-def unfused_twin(model, registry):
-    """The affine + softmax_loss model holding `model`'s parameters (its flat buffer's layout is the same)."""
-    fused = model.specs[-1]
-    affine = {"type": "tied_affine", "tie_to": fused["tie_to"]} if "tie_to" in fused else {"type": "affine"}
-    tail = [affine, {"type": "softmax_loss"}]
-    twin = Model(model.specs[:-1] + tail, model.vocab_size, model.backend, registry).eval()
-    twin.flat_params[...] = model.flat_params
-    return twin
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -184,15 +184,15 @@ def test_sampling_is_reproducible_and_respects_top_k(registry, np64):
 
 
 def test_greedy_takes_the_likeliest_token_at_every_step(registry, np64):
-    """Temperature 0 equals top-k 1, and each token is the argmax of the model's own logits."""
+    """Temperature 0 equals top-k 1, and each token is the argmax of the model's own distribution."""
     model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
     [greedy] = sample(model, [0, 4], 12, temperature=0, seed=1)
     assert [greedy] == sample(model, [0, 4], 12, top_k=1, seed=9)
     model.reset_state()
-    logits = model.predict(np.array([[0, 4]], np.int32))[0, -1]
+    log_p = model.log_prob(np.array([[0, 4]], np.int32))[0, -1]
     for token in greedy:
-        assert token == int(np.argmax(logits))
-        logits = model.predict(np.array([[token]], np.int32))[0, -1]
+        assert token == int(np.argmax(log_p))
+        log_p = model.log_prob(np.array([[token]], np.int32))[0, -1]
 
 
 def test_several_samples_side_by_side_and_stop_at_eos(registry, np64):
@@ -207,17 +207,18 @@ def test_several_samples_side_by_side_and_stop_at_eos(registry, np64):
 
 
 def test_one_sample_draws_as_numpy_choice_does(registry, np64):
-    """One sample equals the plain loop: softmax of logits / temperature, then Generator.choice."""
+    """One sample equals the plain loop: softmax of log-probabilities / temperature (those of the logits),
+    then Generator.choice."""
     model = Model(preset_specs("simple-rnnlm", wordvec_size=3, hidden_size=4), 5, np64, registry)
     [drawn] = sample(model, [0, 4], 25, temperature=0.7, seed=5)
     rng, expected = np.random.default_rng(5), []
     model.reset_state()
-    logits = model.predict(np.array([[0, 4]], np.int32))[0, -1]
+    log_p = model.log_prob(np.array([[0, 4]], np.int32))[0, -1]
     for _ in range(25):
-        z = logits / 0.7
+        z = log_p / 0.7
         p = np.exp(z - z.max())
         expected.append(int(rng.choice(5, p=p / p.sum())))
-        logits = model.predict(np.array([[expected[-1]]], np.int32))[0, -1]
+        log_p = model.log_prob(np.array([[expected[-1]]], np.int32))[0, -1]
     assert drawn == expected
 
 

@@ -45,8 +45,8 @@ def _size(text):
 
 
 # The fewest rows a chunk has by default. dW is summed over the chunks by GEMMs whose inner dimension
-# is the chunk's rows: on a 2-core EPYC the fused layer trained PTB's 700 rows at the pair's speed in
-# one chunk, 0.92x in two of 350 and 0.75x in eleven of 64 (`scripts/bench_output.py --chunk-rows`).
+# is the chunk's rows: on a 2-core EPYC the fused layer trained PTB's 700 rows at 0.98x the pair's
+# speed in one chunk, 0.88x in two of 350 and 0.56x in eleven of 64 (`scripts/bench_output.py --chunk-rows`).
 MIN_CHUNK_ROWS = 1024
 
 

@@ -15,7 +15,7 @@ from ..config import POSITIVE, PROBABILITY, RESUMABLE, TrainConfig, is_int, is_n
 from ..data import BPTTStream, demo_corpus, open_corpus
 from ..errors import CheckpointError, SpecError
 from ..lock import PathLock
-from ..model import Model, preset_specs
+from ..model import Model, fused_output, preset_specs
 from .checkpoint import STRIPPED, check_writable, load_checkpoint, restore_params, verify_checkpoint
 from .optim import make_optimizer
 from .parallel import world
@@ -178,12 +178,14 @@ def check_vocab(saved, corpus):
 
 
 def check_resume(saved, corpus, specs, options, explicit):
-    """Refuse a resume from a stripped checkpoint, or whose corpus or explicit options contradict it."""
+    """Refuse a resume from a stripped checkpoint, or whose corpus or explicit options contradict it.
+    A checkpoint's affine + softmax_loss agrees with model options that give the fused output layer
+    (the presets'): the same numbers; the resumed run keeps the checkpoint's layers."""
     if saved.meta.get(STRIPPED):
         raise CheckpointError(f"{saved.path} is a stripped checkpoint: it has no optimizer state and cannot "
                               f"resume training (eval and generate accept it)")
     check_vocab(saved, corpus)
-    if "specs" in explicit and specs != saved.meta["specs"]:
+    if "specs" in explicit and fused_output(specs) != fused_output(saved.meta["specs"]):
         raise CheckpointError("the model options contradict the checkpoint's model; "
                               "leave them out when resuming")
     for name in sorted(explicit - RESUMABLE - {"specs"}):
