@@ -35,10 +35,20 @@ class TimeEmbedding(Layer):
         if self.sparse_rows is None:
             dW[...] = 0
         else:
-            dW[self.sparse_rows.get("W", slice(None))] = 0  # before the first block: every row
+            self._clear_rows(dW)
             self.sparse_rows = {"W": self.xp.unique(ids)}
         scatter_add_rows(dW, ids, dout.reshape(-1, self.output_size))
         return None
+
+    def _clear_rows(self, dW):
+        """Zero the rows the last block wrote. Before the first block every row is cleared, but only if
+        one is not zero already: the gradient starts as untouched zero pages, which reading leaves
+        unmapped, so a large table's gradient costs memory only for the rows blocks write."""
+        rows = self.sparse_rows.get("W")
+        if rows is not None:
+            dW[rows] = 0
+        elif dW.any():
+            dW[...] = 0
 
 
 def embedding_onnx(graph, name, layer, ids):

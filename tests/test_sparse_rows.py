@@ -6,10 +6,14 @@ rounding, the gradient buffer must stay whole, and anything else writing the gra
 weight, an all-reduce over ranks) must keep it dense.
 """
 
+import os
+
 import numpy as np
 import pytest
 
+from gpurnn.backend import get_backend
 from gpurnn.config import TrainConfig
+from gpurnn.layers import LayerContext
 from gpurnn.model import Model, preset_specs
 from gpurnn.ops import sgd_update
 from gpurnn.train.optim import SGD, Adam
@@ -82,3 +86,39 @@ def test_a_tied_table_and_gradients_summed_over_ranks_stay_dense(np64, registry)
 
     ranked = trainer(np64, registry, SGD(lr=1.0), group=Group(TwoRanks()))
     assert all(getattr(layer, "sparse_rows", None) is None for layer in ranked.model.layers)
+
+
+def test_switching_to_row_sparse_gradients_clears_what_a_dense_step_left(np64, registry):
+    switched, dense = trainer(np64, registry, SGD(lr=1.0)), trainer(np64, registry, SGD(lr=1.0))
+    dense.model.use_sparse_rows(False)
+    switched.model.use_sparse_rows(False)
+    first, second = batches(2, seed=3)
+    for t in (switched, dense):
+        t.step(*first)
+    switched.model.use_sparse_rows(True)
+    for t in (switched, dense):
+        t.step(*second)
+    # the dense step wrote rows the second block does not use: they must not linger in the gradient
+    assert np.setdiff1d(np.unique(first[0]), np.unique(second[0])).size
+    np.testing.assert_allclose(switched.model.flat_grads, dense.model.flat_grads, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(switched.model.flat_params, dense.model.flat_params, rtol=1e-12, atol=1e-14)
+
+
+def resident_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")
+def test_the_first_row_sparse_backward_maps_only_the_rows_it_writes(registry):
+    vocab, size = 200_000, 128  # a 98 MiB gradient table
+    layer = registry.build_layer({"type": "embedding", "size": size},
+                                 LayerContext(get_backend("numpy"), np.random.default_rng(0), None, vocab))
+    layer.sparse_rows = {}
+    ids = np.arange(100, dtype=np.int32).reshape(4, 25)  # 50 KiB of rows (spread out, huge pages would map more)
+    layer.forward(ids)
+    before = resident_mib()
+    layer.backward(np.ones((4, 25, size), np.float32))
+    assert resident_mib() - before < 20
+    np.testing.assert_array_equal(layer.sparse_rows["W"], ids.ravel())
+    assert layer.grads["W"][ids.ravel()].min() == 1 and layer.grads["W"].sum() == 100 * size
