@@ -7,8 +7,8 @@ last features (B, T, D), not logits: the N x V logits never exist, only one chun
 `gpurnn.ops.output`). In training its forward already turns each chunk's gradient into dx, dW and
 db (for dout = 1), so backward only scales them by dout; no logits are kept or recomputed.
 
-Chunk rows: by default at least 1,024, more where their logits fit half the largest cache
-(`gpurnn.ops.output.default_chunk_rows`); ``chunk_rows`` sets them.
+Chunk rows: by default at least 1,024, more where their logits fit half the largest cache, fewer
+where they would pass 512 MiB (`gpurnn.ops.output.default_chunk_rows`); ``chunk_rows`` sets them.
 """
 
 import numpy as np
@@ -66,7 +66,7 @@ class AffineSoftmaxWithLoss(Layer):
         return self.source.params["W"].T, self.tied_grad.T
 
     def chunk_size(self, n):
-        """Rows per chunk for a block of n rows: at most `chunk_rows` (or the cache rule's, read once when
+        """Rows per chunk for a block of n rows: at most `chunk_rows` (or the default rule's, read once when
         built), spread evenly over the chunks that takes (2,240 rows at most 1,024 a chunk: three of 747)."""
         n = max(n, 1)
         return -(-n // -(-n // self.rows))

@@ -130,14 +130,15 @@ def test_no_array_of_n_by_v_elements_while_it_trains(registry, np64):
     assert peak < N * 64 * 8 / 4, f"peak {peak} bytes against {N * 64 * 8} for the logits"
 
 
-def test_the_chunk_rule_takes_the_fewest_rows_or_half_the_cache_in_whole_row_blocks_and_can_be_set(
+def test_the_chunk_rule_takes_the_fewest_rows_or_half_the_cache_under_a_byte_cap_and_can_be_set(
         registry, np64, monkeypatch):
     import gpurnn.ops.output as output
 
     monkeypatch.setattr(output, "cache_bytes", lambda xp: 32 << 20)
     assert default_chunk_rows(1000, np.float32, np) == 4192  # 16 MiB / 4,000 bytes = 4,194 rows, in blocks of 32
     assert default_chunk_rows(10000, np.float32, np) == output.MIN_CHUNK_ROWS == 1024  # the cache's 419 are too few
-    assert default_chunk_rows(10 ** 7, np.float64, np) == 1024
+    assert default_chunk_rows(267735, np.float32, np) == 480  # 512 MiB of logits: 501 rows, in blocks of 32
+    assert default_chunk_rows(10 ** 7, np.float64, np) == 32  # 6 rows fit in 512 MiB; a block of 32 is the least
     assert chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
     layer = registry.build_layer({"type": FUSED, "chunk_rows": 7}, LayerContext(np64, np.random.default_rng(0), 3, V))
     assert layer.chunk_size(100) == 7 and layer.chunk_size(5) == 5

@@ -29,6 +29,8 @@ The two backends differ in how a cluster's rows are found:
 distribution for sampling.
 """
 
+import math
+
 import numpy as np
 
 from ..backend import array_module
@@ -85,7 +87,7 @@ class Workspace:
         self.arrays = {}
 
     def get(self, xp, name, shape, dtype):
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         flat = self.arrays.get(name)
         if flat is None or flat.size < size or flat.dtype != dtype:
             flat = self.arrays[name] = xp.empty(size, dtype)

@@ -6,10 +6,11 @@ its log-sum-exp and target log-probability are taken, and in training its gradie
 onehot) / count is turned at once into the chunk's rows of dx (a GEMM) and its share of dW and db
 (GEMMs accumulated over the chunks). The N x V logits never exist: the memory is O(rows x V).
 
-NumPy runs each chunk through `softmax_cross_entropy` and its backward (the chunk's buffer is its
-own softmax buffer). CuPy launches the same kernels that op launches, per chunk, with the count of
-scored targets of the whole block computed first on the device, so nothing waits for the GPU and
-every launch has the same shapes from step to step: the training step still captures as a graph.
+NumPy runs each chunk through `softmax_cross_entropy` and its backward (in training the chunk's
+buffer is its own softmax buffer; evaluation leaves it as the GEMM wrote it). CuPy launches the
+same kernels that op launches, per chunk, with the count of scored targets of the whole block
+computed first on the device, so nothing waits for the GPU and every launch has the same shapes
+from step to step: the training step still captures as a graph.
 Numbers equal the unfused pair's (affine, then `softmax_cross_entropy` over all rows) to rounding.
 """
 
@@ -49,13 +50,20 @@ def _size(text):
 # speed in one chunk, 0.88x in two of 350 and 0.56x in eleven of 64 (`scripts/bench_output.py --chunk-rows`).
 MIN_CHUNK_ROWS = 1024
 
+# The most bytes a chunk's logits take by default, which binds for large vocabularies only (at 267,735
+# words, float32: 480 rows, so a block of 700 runs as two chunks of 350). There the pair's own speed
+# holds down to about 350 rows a chunk (1.03x the pair at 350 rows, 0.89x at 234, on the same EPYC).
+MAX_CHUNK_BYTES = 512 << 20
+
 
 def default_chunk_rows(vocab_size, dtype, xp):
     """Rows per chunk: MIN_CHUNK_ROWS, or more where that many rows' logits fill less than half the
-    cache (the other half keeps the features and the weight's panel the GEMM streams), in whole
-    blocks of ROW_BLOCK rows."""
-    rows = cache_bytes(xp) // 2 // (vocab_size * np.dtype(dtype).itemsize)
-    return max(MIN_CHUNK_ROWS, rows // ROW_BLOCK * ROW_BLOCK)
+    cache (the other half keeps the features and the weight's panel the GEMM streams); fewer where
+    the logits would pass MAX_CHUNK_BYTES. In whole blocks of ROW_BLOCK rows."""
+    row_bytes = vocab_size * np.dtype(dtype).itemsize
+    rows = max(MIN_CHUNK_ROWS, cache_bytes(xp) // 2 // row_bytes)
+    rows = min(rows, MAX_CHUNK_BYTES // row_bytes)
+    return max(ROW_BLOCK, rows // ROW_BLOCK * ROW_BLOCK)
 
 
 def chunks(n, rows):
@@ -75,19 +83,21 @@ def output_loss(x2, t, W, b, ignore, rows, work, grads=None):
     """
     xp = array_module(x2)
     n, V = x2.shape[0], W.shape[1]
+    spans = chunks(n, rows)
     z = work.get(xp, "logits", (min(rows, n), V), x2.dtype)
-    valid = t != ignore
-    count = xp.maximum(valid.sum(), 1).astype(x2.dtype)
-    if xp is not np:
+    if xp is np:
+        weights = chunk_weights(t, ignore, spans)
+    else:
         x2, t = xp.ascontiguousarray(x2), xp.ascontiguousarray(t, dtype=xp.int32)
         lse, nll = work.get(xp, "lse", (n,), x2.dtype), work.get(xp, "nll", (n,), x2.dtype)
-        count = count.reshape(1)
+        count = xp.maximum((t != ignore).sum(), 1).astype(x2.dtype).reshape(1)
     total = 0
-    for k, (lo, hi) in enumerate(chunks(n, rows)):
+    for k, (lo, hi) in enumerate(spans):
         zc = head_logits(x2[lo:hi], W, b, out=z[:hi - lo])
-        if xp is np:  # the op's mean over the chunk, weighted to be the chunk's share of the block's
-            scale = max(int(valid[lo:hi].sum()), 1) / count
-            loss, cache = softmax_cross_entropy(zc, t[lo:hi], ignore, zc)
+        if xp is np:
+            scale = weights[k]
+            # training keeps exp(logits) in the chunk's buffer for the backward; evaluation writes nothing
+            loss, cache = softmax_cross_entropy(zc, t[lo:hi], ignore, zc if grads is not None else None)
             total = total + loss * scale
             if grads is not None:
                 softmax_cross_entropy_backward(cache, scale)
@@ -104,6 +114,16 @@ def output_loss(x2, t, W, b, ignore, rows, work, grads=None):
     loss, scored = xp.empty((), x2.dtype), xp.empty(1, x2.dtype)
     launch("softmax_loss_total", x2.dtype, n, (nll, t, np.int32(ignore), np.int64(n), loss, scored), blocks=1)
     return loss
+
+
+def chunk_weights(t, ignore, spans):
+    """What turns each chunk's own mean loss into its share of the block's mean: the chunk's scored
+    targets over the block's (1 for a block in one chunk, which needs no count)."""
+    if len(spans) == 1:
+        return [1.0]
+    valid = t != ignore
+    count = max(int(valid.sum()), 1)
+    return [max(int(valid[lo:hi].sum()), 1) / count for lo, hi in spans]
 
 
 def add_chunk_grads(xc, g, W, grads, lo, hi, first, work):
