@@ -43,6 +43,8 @@ from gpurnn.ops import cpu_threads
 from gpurnn.registry import Registry
 from gpurnn.score import Scorer
 
+from bench import peak_rss_bytes  # scripts/bench.py, beside this file
+
 PTB = Path(os.environ.get("GPURNN_PTB_DIR", Path(__file__).resolve().parents[1] / "../shared/data/ptb"))
 CONFIGS = {"small-rnn": ("simple-rnnlm", {"wordvec_size": 100, "hidden_size": 100}),
            "medium-lstm": ("better-rnnlm", {"wordvec_size": 650, "hidden_size": 650})}
@@ -54,15 +56,6 @@ def build_model(config, vocab_size, quick, backend="numpy"):
     preset, sizes = CONFIGS[config]
     return Model(preset_specs(preset, **(QUICK_SIZES if quick else sizes)), vocab_size, get_backend(backend),
                  Registry(), seed=0).eval()
-
-
-def peak_rss_bytes():
-    """This process's peak resident memory (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_gpurnn(args, vocab, sentences, batch_size):
